@@ -1,0 +1,189 @@
+"""Per-episode sandboxes: a scratch directory with validated paths, and a jail for prover processes.
+
+`EpisodeDir` is the only place an episode's files live; it is removed on `close()`.
+`run_jailed` runs a prover command under bubblewrap: no network, a scrubbed environment,
+read-only toolchain and library paths, and the episode directory as the only writable
+place. CPU time and memory are capped with rlimits; the wall clock with a timeout that
+kills the whole process group. Where bubblewrap is missing or cannot create namespaces,
+the command still runs with the limits, and the outcome says `jailed=False`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+MAX_FILE_BYTES = 256 * 1024
+MAX_EPISODE_BYTES = 4 * 1024 * 1024
+MAX_PATH_CHARS = 200
+JAIL_ROOT = "/sandbox"  # where the episode directory appears inside the jail
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_.\-/]+")
+
+
+class SandboxError(ValueError):
+    """A tool asked for something the sandbox refuses (bad path, oversize write, ...)."""
+
+
+class EpisodeDir:
+    """A temporary directory that holds one episode's files; a context manager."""
+
+    def __init__(self, *, prefix: str = "episode-", max_file_bytes: int = MAX_FILE_BYTES,
+                 max_total_bytes: int = MAX_EPISODE_BYTES) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+        self.max_file_bytes = max_file_bytes
+        self.max_total_bytes = max_total_bytes
+
+    def resolve(self, rel_path: str) -> Path:
+        """The absolute path for a tool-supplied relative path, or SandboxError."""
+        if not isinstance(rel_path, str) or not rel_path.strip():
+            raise SandboxError("path must be a non-empty relative path such as 'Main.v'")
+        if len(rel_path) > MAX_PATH_CHARS:
+            raise SandboxError(f"path is longer than {MAX_PATH_CHARS} characters")
+        if rel_path.startswith(("/", "~")) or PurePosixPath(rel_path).is_absolute():
+            raise SandboxError(f"absolute paths are not allowed ({rel_path!r}); use a path relative to the working directory")
+        if not _SAFE_PATH.fullmatch(rel_path):
+            raise SandboxError(f"path {rel_path!r} may contain only letters, digits, '_', '-', '.' and '/'")
+        parts = PurePosixPath(rel_path).parts
+        if ".." in parts:
+            raise SandboxError(f"'..' is not allowed in paths ({rel_path!r})")
+        path = self.root
+        for part in parts:
+            if part == ".":
+                continue
+            path = path / part
+            if path.is_symlink():
+                raise SandboxError(f"path {rel_path!r} goes through a symbolic link")
+        if path == self.root:
+            raise SandboxError("path names the working directory itself, not a file")
+        return path
+
+    def write(self, rel_path: str, content: str) -> Path:
+        path = self.resolve(rel_path)
+        data = content.encode("utf-8")
+        if len(data) > self.max_file_bytes:
+            raise SandboxError(f"file is {len(data)} bytes; the limit is {self.max_file_bytes}")
+        old = path.stat().st_size if path.is_file() else 0
+        if self.used_bytes() - old + len(data) > self.max_total_bytes:
+            raise SandboxError(f"the episode's files would exceed {self.max_total_bytes} bytes")
+        if path.is_dir():
+            raise SandboxError(f"{rel_path!r} is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+    def read(self, rel_path: str) -> str:
+        path = self.resolve(rel_path)
+        if not path.is_file():
+            raise SandboxError(f"no file {rel_path!r}; write it first")
+        return path.read_text(encoding="utf-8", errors="replace")
+
+    def used_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file() and not p.is_symlink())
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> EpisodeDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    returncode: int | None  # None when killed for the wall-clock timeout
+    stdout: str
+    stderr: str
+    elapsed_s: float
+    timed_out: bool
+    jailed: bool
+
+    @property
+    def out_of_memory(self) -> bool:
+        return _oom_text(self.stdout + self.stderr)
+
+
+def _oom_text(text: bytes | str) -> bool:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return bool(re.search(r"out of memory|Cannot allocate memory|std::bad_alloc", text, re.I))
+
+
+@functools.cache
+def jail_available() -> bool:
+    """True when bubblewrap exists and can create its namespaces here."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return False
+    probe = [bwrap, "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env: dict[str, str]) -> list[str]:
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+           "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for link in ("bin", "lib", "lib64", "sbin"):  # merged-/usr systems keep these as links
+        target = Path("/") / link
+        if target.is_symlink():
+            cmd += ["--symlink", os.readlink(target), f"/{link}"]
+        elif target.is_dir():
+            cmd += ["--ro-bind", str(target), f"/{link}"]
+    for path in readonly:
+        cmd += ["--ro-bind", str(path), str(path)]
+    cmd += ["--bind", str(workdir), JAIL_ROOT, "--chdir", JAIL_ROOT, "--clearenv"]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    return cmd + ["--", *argv]
+
+
+def run_jailed(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] = (), timeout_s: float,
+               memory_mb: int | None, env: dict[str, str] | None = None, jail: bool = True) -> ProcessOutcome:
+    """Run `argv` with `workdir` as its only writable directory (seen as JAIL_ROOT when jailed).
+
+    Paths in `argv` that point into the episode must be given relative to the working
+    directory, since its absolute path differs inside the jail.
+    """
+    env = {"PATH": "/usr/bin:/bin", "HOME": JAIL_ROOT, "LANG": "C.UTF-8", **(env or {})}
+    jailed = jail and jail_available()
+    if jailed:
+        cmd, cwd, run_env = _jail_argv(argv, workdir, readonly, env), None, {"PATH": "/usr/bin:/bin"}
+    else:
+        cmd, cwd, run_env = list(argv), workdir, {**env, "HOME": str(workdir)}
+    cpu_s = max(1, int(timeout_s) + 1)
+
+    def limit() -> None:  # runs in the child, before exec; inherited by the prover
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        if memory_mb is not None:
+            cap = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=run_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=limit, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        code: int | None = proc.returncode
+        timed_out = code in (-signal.SIGXCPU, -signal.SIGKILL) and not _oom_text(out + err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        code, timed_out = None, True
+    return ProcessOutcome(code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
+                          time.monotonic() - start, timed_out, jailed)
