@@ -1,0 +1,108 @@
+import os
+import sys
+
+import pytest
+
+from env.sandbox import JAIL_ROOT, EpisodeDir, SandboxError, jail_available, run_jailed
+
+needs_jail = pytest.mark.skipif(not jail_available(), reason="needs bubblewrap: apt-get install bubblewrap")
+
+
+@pytest.fixture
+def box():
+    with EpisodeDir() as d:
+        yield d
+
+
+def test_write_read_and_cleanup():
+    d = EpisodeDir()
+    d.write("sub/Main.v", "Theorem x : True.")
+    assert d.read("sub/Main.v") == "Theorem x : True."
+    root = d.root
+    d.close()
+    d.close()  # safe twice
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/etc/passwd", "absolute paths are not allowed"),
+    ("../escape.v", "'..' is not allowed"),
+    ("a/../../escape.v", "'..' is not allowed"),
+    ("~/x.v", "absolute paths are not allowed"),
+    ("", "non-empty relative path"),
+    ("a b.v", "may contain only"),
+    (".", "names the working directory"),
+    ("x" * 300, "longer than"),
+])
+def test_bad_paths_are_refused(box, path, message):
+    with pytest.raises(SandboxError, match=message):
+        box.write(path, "x")
+    assert list(box.root.iterdir()) == []
+
+
+def test_symlinks_are_refused(box, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (box.root / "link").symlink_to(outside)
+    with pytest.raises(SandboxError, match="symbolic link"):
+        box.write("link/x.v", "x")
+    assert list(outside.iterdir()) == []
+
+
+def test_size_caps():
+    with EpisodeDir(max_file_bytes=100, max_total_bytes=150) as d:
+        with pytest.raises(SandboxError, match="limit is 100"):
+            d.write("big.v", "x" * 101)
+        d.write("a.v", "x" * 100)
+        d.write("a.v", "y" * 100)  # overwriting does not count twice
+        with pytest.raises(SandboxError, match="would exceed 150 bytes"):
+            d.write("b.v", "x" * 60)
+        assert d.read("a.v") == "y" * 100
+
+
+def test_read_missing_file(box):
+    with pytest.raises(SandboxError, match="no file 'Main.v'"):
+        box.read("Main.v")
+
+
+@needs_jail
+def test_jail_sees_only_its_workdir(box, tmp_path, monkeypatch):
+    monkeypatch.setenv("FD_TEST_SECRET", "1")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    script = (f"import os, pathlib; print(os.getcwd()); print(pathlib.Path({str(secret)!r}).exists()); "
+              f"print(sorted(os.environ)); open('out.txt', 'w').write('ok')")
+    out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=30, memory_mb=None,
+                     readonly=[_python_prefix()])
+    assert out.jailed and out.returncode == 0, out.stderr
+    cwd, seen, env = out.stdout.splitlines()
+    assert cwd == JAIL_ROOT and seen == "False"
+    assert "FD_TEST_SECRET" not in env
+    assert (box.root / "out.txt").read_text() == "ok"
+
+
+@needs_jail
+def test_jail_has_no_network(box):
+    script = "import socket\ntry:\n socket.create_connection(('1.1.1.1', 53), timeout=2); print('up')\nexcept OSError:\n print('down')"
+    out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=30, memory_mb=None,
+                     readonly=[_python_prefix()])
+    assert out.stdout.strip() == "down", out.stderr
+
+
+def test_timeout_kills_the_process(box):
+    out = run_jailed([sys.executable, "-c", "while True: pass"], workdir=box.root, timeout_s=1.5, memory_mb=None,
+                     readonly=[_python_prefix()])
+    assert out.timed_out and out.elapsed_s < 10
+
+
+def test_memory_cap(box):
+    out = run_jailed([sys.executable, "-c", "x = bytearray(2 * 1024**3)"], workdir=box.root, timeout_s=30,
+                     memory_mb=512, readonly=[_python_prefix()])
+    assert out.returncode != 0 and "MemoryError" in out.stderr
+
+
+def _python_prefix():
+    """The interpreter's install tree, which the jail must see read-only for these tests."""
+    from pathlib import Path
+
+    return Path(os.path.realpath(sys.base_prefix))
