@@ -39,7 +39,8 @@ SYSTEM_PROMPT = (
     "when a checked file compiles and proves the theorem exactly as stated, under its name, without "
     "{sorry} and without new axioms. Stop calling tools when you are done."
 )
-USER_PROMPT = "{informal}Prove the following theorem. Keep the header and the statement unchanged.\n\n```{fence}\n{text}\n```"
+USER_PROMPT = ("{informal}Prove the following theorem. Keep the header and the statement unchanged."
+               "\n\n```{fence}\n{text}\n```")
 
 
 class JsonSpace(spaces.Space[Any]):

@@ -50,7 +50,8 @@ class EpisodeDir:
         if len(rel_path) > MAX_PATH_CHARS:
             raise SandboxError(f"path is longer than {MAX_PATH_CHARS} characters")
         if rel_path.startswith(("/", "~")) or PurePosixPath(rel_path).is_absolute():
-            raise SandboxError(f"absolute paths are not allowed ({rel_path!r}); use a path relative to the working directory")
+            raise SandboxError(f"absolute paths are not allowed ({rel_path!r}); "
+                               "use a path relative to the working directory")
         if not _SAFE_PATH.fullmatch(rel_path):
             raise SandboxError(f"path {rel_path!r} may contain only letters, digits, '_', '-', '.' and '/'")
         parts = PurePosixPath(rel_path).parts

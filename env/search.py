@@ -23,14 +23,15 @@ def rg_binary() -> str:
     return found
 
 
-def rg_search(root: Path, pattern: str, *, glob: str, max_hits: int = 50, timeout_s: float = 20.0) -> list[SearchHit]:
+def rg_search(root: Path, pattern: str, *, glob: str, max_hits: int = 50,
+              timeout_s: float = 20.0) -> list[SearchHit]:
     """Lines under `root` matching the regex `pattern` in files matching `glob`, paths relative to `root`."""
     if not isinstance(pattern, str) or not pattern:
         raise SandboxError("pattern must be a non-empty regular expression")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise SandboxError(f"pattern is longer than {MAX_PATTERN_CHARS} characters")
-    cmd = [rg_binary(), "--json", "--sort", "path", "--max-columns", "300", "--max-count", str(max_hits), "--glob", glob,
-           "--regexp", pattern, "."]
+    cmd = [rg_binary(), "--json", "--sort", "path", "--max-columns", "300", "--max-count", str(max_hits),
+           "--glob", glob, "--regexp", pattern, "."]
     try:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:

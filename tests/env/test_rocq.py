@@ -29,8 +29,9 @@ CHEATS = {
                    "theorem_not_found"),
     "notation": (HEADER + 'Local Infix "*" := Rplus : R_scope.\n' + STATEMENT + "  lra.\nQed.\n",
                  "statement_changed"),
-    "redefined_R": (HEADER + "Require Import Psatz.\nDefinition R := nat.\nTheorem fd_test_double (x : R) (h : (1 < x)%nat) : (x * x > x)%nat."
-                    "\nProof.\n  unfold R in *. nia.\nQed.\n", "statement_changed"),
+    "redefined_R": (HEADER + "Require Import Psatz.\nDefinition R := nat.\n"
+                    "Theorem fd_test_double (x : R) (h : (1 < x)%nat) : (x * x > x)%nat.\n"
+                    "Proof.\n  unfold R in *. nia.\nQed.\n", "statement_changed"),
     "does_not_compile": (HEADER + STATEMENT + "  lia.\nQed.\n", "does_not_compile"),
 }
 

@@ -83,10 +83,11 @@ def test_jail_sees_only_its_workdir(box, tmp_path, monkeypatch):
 
 @needs_jail
 def test_jail_has_no_network(box):
-    script = "import socket\ntry:\n socket.create_connection(('1.1.1.1', 53), timeout=2); print('up')\nexcept OSError:\n print('down')"
+    """Only a loopback interface exists inside the jail (checked without sending any traffic)."""
+    script = "import socket; print(sorted(name for _, name in socket.if_nameindex()))"
     out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=30, memory_mb=None,
                      readonly=[_python_prefix()])
-    assert out.stdout.strip() == "down", out.stderr
+    assert out.stdout.strip() == "['lo']", out.stderr
 
 
 def test_timeout_kills_the_process(box):
