@@ -285,7 +285,7 @@ def text_uses_sorry(source: str) -> bool:
 
 
 def uses_sorry(source: str, sorries: Iterable[Any], messages: Iterable[Mapping[str, Any]]) -> bool:
-    """Whether the REPL saw a `sorry` (its `sorries` list or a "declaration uses 'sorry'" warning) or the text has one."""
+    """Whether the REPL saw a `sorry` (in `sorries`, or a "declaration uses 'sorry'" warning) or the text has one."""
     return (any(True for _ in sorries) or any(_SORRY_WARNING.search(str(m.get("data", ""))) for m in messages)
             or text_uses_sorry(source))
 

@@ -68,3 +68,16 @@ def test_shared_benchmarks_load(filename, count, prover):
     problems = load_problems(path)
     assert len(problems) == count and {p.prover for p in problems} == {prover}
     assert isinstance(problems[0], Problem)
+
+
+def test_hugging_face_dataset_name(monkeypatch):
+    """No hub is reachable in tests: a stand-in `datasets` module returns rows as `load_dataset` would."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or [dict(RECORD)]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (problem,) = load_problems("someone/minif2f-rocq", split="test")
+    assert calls == [("someone/minif2f-rocq", "test")] and problem.name == "p1"

@@ -123,3 +123,12 @@ def test_strip_comments_keeps_code_and_lines():
     stripped = strip_comments(src)
     assert "Admitted" not in stripped and "admit" not in stripped and stripped.count("\n") == 1
     assert "exact I" in stripped
+
+
+def test_a_killed_prover_is_a_crash_outcome(rocq):
+    from env.sandbox import ProcessOutcome
+
+    killed = ProcessOutcome(returncode=-11, stdout="", stderr="", elapsed_s=0.1, timed_out=False, jailed=True)
+    result = rocq._result(killed, "Theorem x : True.")
+    assert result.status == "crash" and "exit status -11" in result.errors[0].text
+    assert judge(result, PROBLEM, rocq).reason == "prover_crash"
