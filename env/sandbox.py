@@ -136,7 +136,7 @@ def jail_available() -> bool:
         return False
 
 
-def _jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env: dict[str, str]) -> list[str]:
+def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env: dict[str, str]) -> list[str]:
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
            "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for link in ("bin", "lib", "lib64", "sbin"):  # merged-/usr systems keep these as links
@@ -163,7 +163,7 @@ def run_jailed(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] =
     env = {"PATH": "/usr/bin:/bin", "HOME": JAIL_ROOT, "LANG": "C.UTF-8", **(env or {})}
     jailed = jail and jail_available()
     if jailed:
-        cmd, cwd, run_env = _jail_argv(argv, workdir, readonly, env), None, {"PATH": "/usr/bin:/bin"}
+        cmd, cwd, run_env = jail_argv(argv, workdir, readonly, env), None, {"PATH": "/usr/bin:/bin"}
     else:
         cmd, cwd, run_env = list(argv), workdir, {**env, "HOME": str(workdir)}
     cpu_s = max(1, int(timeout_s) + 1)

@@ -2,10 +2,10 @@
 
 `import Mathlib` takes seconds and gigabytes, so each worker loads a set of imports once
 (one REPL environment per distinct import list) and checks every file with those imports
-on top of it: a check sends only the file's body. With a problem, the worker also keeps,
-per problem, an environment in which the problem's statement is elaborated as a reference
-(see `env.provers.lean_text`); the body runs on top of it and is followed by the
-statement comparison and `#print axioms`.
+on top of it: a check sends only the file's body. With a problem, the worker also keeps
+an environment with the statement-check command defined and, per problem, one in which
+the problem's statement is elaborated as a reference (see `env.provers.lean_text`); the
+body runs on top of that and is followed by the statement comparison and `#print axioms`.
 
 A check that runs past its time limit kills the worker's REPL (lean-interact does that on
 a timeout); a crash or out-of-memory also ends it; the next check starts a fresh one. A
@@ -43,7 +43,7 @@ from typing import Any
 from env.problems import Problem
 from env.provers import lean_text
 from env.provers.base import CheckResult, Message, SearchHit, StatementCheck, Status, ToolNames
-from env.sandbox import JAIL_ROOT, _jail_argv, jail_available
+from env.sandbox import JAIL_ROOT, jail_argv, jail_available
 from env.search import rg_search
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,8 @@ def unavailable_reason(project_dir: Path = REPO_ROOT) -> str | None:
 
 
 class LeanProver:
+    """The `Prover` for Lean 4 + Mathlib; thread-safe, a check waits for a free worker."""
+
     name = "lean"
     file_suffix = ".lean"
     tools = ToolNames(write="lean_write_file", check="lean_check_file", search="rg_in_mathlib")
@@ -119,12 +121,11 @@ class LeanProver:
             return CheckResult(status="error", messages=tuple(b.message() for b in blocks),
                                uses_sorry=lean_text.text_uses_sorry(source), elapsed_s=time.monotonic() - start,
                                sandboxed=self.sandboxed)
-        worker = self._idle.get()
+        worker = self._idle.get()  # time spent waiting for a free worker is not the check's
         try:
-            result = worker.check(source, problem, timeout_s or self.timeout_s)
+            return worker.check(source, problem, timeout_s or self.timeout_s)
         finally:
             self._idle.put(worker)
-        return replace(result, elapsed_s=time.monotonic() - start)
 
     def search(self, pattern: str, *, max_hits: int = 50) -> list[SearchHit]:
         root = self.project_dir / ".lake" / "packages" / "mathlib" / "Mathlib"
@@ -152,7 +153,7 @@ class LeanProver:
         readonly = [p for p in {elan_home, self.project_dir, Path(self.config.cache_repl_dir),
                                 *([Path(sysroot)] if sysroot else [])} if p.exists()]
         env = {**self._lean_env, "HOME": JAIL_ROOT, "LANG": "C.UTF-8"}
-        argv = _jail_argv([str(repl)], scratch, sorted(readonly), env)
+        argv = jail_argv([str(repl)], scratch, sorted(readonly), env)
         return _Launch(argv, {"PATH": "/usr/bin:/bin"}, None, self.memory_mb)
 
 
@@ -164,8 +165,12 @@ def _lake_env(project_dir: Path) -> dict[str, str]:
                                    f"{proc.stderr.decode('utf-8', 'replace').strip()[-1000:]}")
     out = proc.stdout.decode("utf-8", "replace")
     pairs = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-    return {k: v for k, v in pairs.items()
-            if k.startswith(("LEAN", "LAKE", "ELAN")) or k in ("PATH", "LD_LIBRARY_PATH")}
+    env = {k: v for k, v in pairs.items() if k.startswith(("LEAN", "LAKE", "ELAN")) or k in ("PATH", "LD_LIBRARY_PATH")}
+    # Lake may give search paths relative to the project; the REPL runs elsewhere (its scratch directory).
+    for key in ("LEAN_PATH", "LEAN_SRC_PATH", "LD_LIBRARY_PATH", "PATH"):
+        if key in env:
+            env[key] = ":".join(str(project_dir / p) if p and not p.startswith("/") else p for p in env[key].split(":"))
+    return env
 
 
 @dataclass(frozen=True)
@@ -176,10 +181,11 @@ class _Launch:
     memory_mb: int
 
     def spawn(self, stderr_path: Path) -> subprocess.Popen:
-        """Start the REPL from a thread that lives as long as the process.
+        """Start the REPL with pipes as `LeanServer` expects them; stderr goes to a file, read after a crash.
 
-        bubblewrap's `--die-with-parent` ends the jail when the *thread* that forked it exits
-        (PR_SET_PDEATHSIG), and checks may run on short-lived threads (asyncio.to_thread).
+        The process is started from a thread that lives as long as it does: bubblewrap's
+        `--die-with-parent` (PR_SET_PDEATHSIG) can end the jail when the *thread* that started
+        it exits (seen here), and checks may run on short-lived threads (`asyncio.to_thread`).
         """
         cap = self.memory_mb * 1024 * 1024
 
@@ -251,20 +257,30 @@ class _Worker:
         self.checks = 0
 
     def check(self, source: str, problem: Problem | None, timeout_s: float) -> CheckResult:
+        """Check one file; recycling the REPL afterwards (if due) is not counted in `elapsed_s`."""
+        start = time.monotonic()
+        result = self._check(source, problem, timeout_s)
+        result = replace(result, elapsed_s=time.monotonic() - start)
+        self._after_check()
+        return result
+
+    def _check(self, source: str, problem: Problem | None, timeout_s: float) -> CheckResult:
         split = lean_text.split_imports(source)
         sorry_in_text = lean_text.text_uses_sorry(source)
+        if self.server is not None and not self.server.is_alive():
+            self.stop()  # it died while idle: its cached environment ids are gone with it
         try:
             base, import_messages = self._env(("imports", split.imports), lean_text.imports_command(split.imports),
                                               None, IMPORT_TIMEOUT_S)
             reference_errors = ""
             if problem is not None:
+                base, _ = self._env(("checker", split.imports), lean_text.CHECKER_COMMAND, base, META_TIMEOUT_S)
                 command = lean_text.reference_command(problem)
                 base, reference_messages = self._env(("reference", split.imports, command), command, base,
                                                      META_TIMEOUT_S)
                 reference_errors = "; ".join(m["data"] for m in reference_messages if m["severity"] == "error")
             body = self._run(split.body if split.body.strip() else "\n", base, timeout_s)
         except _Failure as failure:
-            self._after_check()
             return CheckResult(status=failure.status, messages=(Message("error", failure.text),),
                                uses_sorry=sorry_in_text, sandboxed=self.prover.sandboxed, raw_output=failure.text)
         messages = tuple(Message("error", f"in the imports: {m['data']}")
@@ -277,7 +293,6 @@ class _Worker:
             raw_output=json.dumps({"messages": body["messages"], "sorries": body["sorries"]}, ensure_ascii=False))
         if problem is not None:
             result = self._check_statement(result, problem, body["env"], reference_errors)
-        self._after_check()
         return result
 
     def _check_statement(self, result: CheckResult, problem: Problem, env: int, reference_errors: str) -> CheckResult:
@@ -314,7 +329,7 @@ class _Worker:
         except TimeoutError:
             self.stop()
             raise _Failure("timeout", f"the check did not finish within its time limit ({timeout_s:.0f} s)") from None
-        except (OSError, json.JSONDecodeError):  # ConnectionAbortedError, ChildProcessError, BrokenPipeError
+        except (OSError, ValueError):  # ConnectionAbortedError, ChildProcessError, broken JSON, an invalid response
             tail = self.server.stderr_tail() if self.server is not None else ""
             self.stop()
             if _OOM.search(tail):

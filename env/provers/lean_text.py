@@ -1,8 +1,9 @@
 """Everything about Lean source text and REPL output that needs no toolchain (pure functions).
 
 `env.provers.lean` sends a checked file to a REPL worker in pieces: the imports once per
-worker (that is what takes seconds), then the problem's reference statement, then the body
-of the file, then a statement/axiom check. This module builds those commands, maps message
+worker (that is what takes seconds), the statement-check command and the problem's
+reference statement once per problem, then the body of the file, then the statement and
+axiom check. This module builds those commands, maps message
 positions of the body back to the whole file, and reads what the REPL answered.
 
 The reference is the problem's statement renamed to `__fd_reference__` and proved by
@@ -192,7 +193,7 @@ def quote_name(name: str) -> str:
 
 
 def reference_command(problem: Problem) -> str:
-    """Elaborates the problem's statement as the reference and defines `#fd_check_statement`.
+    """Elaborates the problem's statement as the reference, on top of `CHECKER_COMMAND`.
 
     The statement sits in a `section` with the rest of the problem's header, so its `open`s
     and options apply to it and are gone again for the attempt, which brings its own header.
@@ -203,11 +204,11 @@ def reference_command(problem: Problem) -> str:
                                count=1)
     if not found:
         raise ValueError(f"the formal statement of {problem.name} does not declare `theorem {problem.name}`")
-    return (f"section\n{header_rest.strip()}\n\n{statement}\n  sorry\n\nend\n\n"
-            f"{_CHECK_COMMAND_DEFINITION}")
+    return f"section\n{header_rest.strip()}\n\n{statement}\n  sorry\n\nend\n"
 
 
-_CHECK_COMMAND_DEFINITION = f"""\
+# Defines `#fd_check_statement` before any attempt runs, so the attempt cannot redefine what it uses.
+CHECKER_COMMAND = f"""\
 open Lean in
 /-- The kind of a declaration, for the statement check's report. -/
 def «__fd_kind__» : ConstantInfo → String

@@ -110,6 +110,7 @@ def test_prover_timeout_is_reported_and_env_keeps_working(rocq):
     step_text(env, "rocq_write_file", path="Loop.v", content=loop)
     text, reward, terminated, truncated, info = step_text(env, "rocq_check_file", path="Loop.v")
     assert "time limit" in text and info["verdict"]["reason"] == "timeout" and not terminated
+    env.check_timeout_s = 60  # the honest check below may take over 3 s on a busy machine
     step_text(env, "rocq_write_file", path="Main.v", content=rocq.render(PROBLEM))
     assert step_text(env, "rocq_check_file", path="Main.v")[1] == 1.0
     env.close()

@@ -96,9 +96,14 @@ def test_reference_command_renames_the_statement_inside_a_section_with_the_heade
     assert "import" not in command  # it runs on the imports' environment
     assert command.startswith("section\nset_option maxHeartbeats 400000\n\nopen BigOperators Real Nat Topology Rat\n")
     assert "theorem «__fd_reference__» (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by\n  sorry\n\nend\n" in command
-    assert "fd_lean_linear_eq_1" not in command
+    assert command.endswith("\nend\n") and "fd_lean_linear_eq_1" not in command
+
+
+def test_checker_command_compares_elaborated_types_and_universe_names():
+    command = lt.CHECKER_COMMAND
     assert 'elab "#fd_check_statement " user:ident ref:ident : command' in command
     assert "u.type == r.type" in command and "u.levelParams == r.levelParams" in command
+    assert "FD_STATEMENT found kind={«__fd_kind__» u} same={same}\\nexpected: {r.type}\\nfound: {u.type}" in command
 
 
 def test_reference_command_handles_lemma_and_dotted_names_and_rejects_a_missing_name():
@@ -250,3 +255,12 @@ def test_importing_the_prover_module_needs_no_lean_interact():
     code = ("import sys, env.provers.lean as lean; assert 'lean_interact' not in sys.modules; "
             "assert lean.LeanProver.standard_axioms == {'propext', 'Classical.choice', 'Quot.sound'}")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_constructing_the_prover_without_a_toolchain_says_how_to_enable_it(tmp_path):
+    from env.provers.lean import LeanProver, LeanUnavailableError, unavailable_reason
+
+    assert not LeanProver.available(tmp_path)
+    assert "lake exe cache get && lake build" in unavailable_reason(tmp_path)
+    with pytest.raises(LeanUnavailableError, match="lake exe cache get && lake build"):
+        LeanProver(tmp_path)
