@@ -254,9 +254,9 @@ async def rollout_many(rollout: Rollout, problems: Sequence[Problem], n_samples:
         bar.close()
 
 
-def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str | None = None, seed: int = 0,
                  tensor_parallel_size: int = 1) -> tuple[GenerationBackend, Any]:
-    """(backend, tokenizer) for `transformers` or `vllm`."""
+    """(backend, tokenizer) for `transformers` or `vllm`; dtype None: float32 on CPU, bfloat16 on GPU, vLLM's auto."""
     from agent.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -264,13 +264,14 @@ def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str = "fl
         from agent.backends.hf import TransformersBackend
         from agent.models import load_model
 
+        dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
         return TransformersBackend(load_model(model, dtype=dtype, device=device, seed=seed), tokenizer,
                                    seed=seed), tokenizer
     if name == "vllm":
         from agent.backends.vllm import VLLMBackend
         from agent.models import model_path
 
-        return VLLMBackend(model_path(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+        return VLLMBackend(model_path(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype or "auto",
                            seed=seed), tokenizer
     raise ValueError(f"unknown backend {name!r}: use 'transformers' or 'vllm'")
 
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=RolloutConfig.temperature)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU, auto for vLLM")
     args = parser.parse_args(argv)
 
     from env.problems import load_problems

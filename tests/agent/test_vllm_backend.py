@@ -326,7 +326,7 @@ def mean_gap(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-@pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(not _have_vllm_and_gpu(), reason="needs vLLM and an NVIDIA GPU: pip install -e '.[vllm]'")
 def test_engine_generates_and_loads_new_weights(tmp_path):
     old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
