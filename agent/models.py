@@ -101,7 +101,7 @@ def tiny_config(model: str, *, vocab_size: int) -> Any:
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if model == "tiny-qwen3":
         return Qwen3Config(head_dim=16, **common)
     return LlamaConfig(**common)

