@@ -342,3 +342,36 @@ def _make_feedback(args: argparse.Namespace, backend: GenerationBackend, tokeniz
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def resolve_prover(name: str) -> tuple[str, str]:
+    """(prover, why): `auto` picks Lean where the pinned Lake project is built, else Rocq."""
+    if name != "auto":
+        return name, "chosen in the config"
+    from env.provers.lean import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        return "lean", "the pinned Lean project is built"
+    return "rocq", f"Lean is unavailable ({reason})"
+
+
+def load_problem_set(path: str | Path | None, prover: str) -> list[Problem]:
+    """The problems of `path` for `prover`; with no path, our own set for that prover."""
+    from env.problems import load_problems
+
+    if not path:
+        path = Path(__file__).resolve().parents[1] / "data" / f"{prover}_problems.jsonl"
+    problems = [p for p in load_problems(path) if p.prover == prover]
+    if not problems:
+        raise ValueError(f"no {prover} problems in {path}")
+    return problems
+
+
+def make_rollout(backend: GenerationBackend, tokenizer: Any, prover_name: str, config: RolloutConfig, *,
+                 model_name: str = "", feedback: Any = None) -> Rollout:
+    """A `Rollout` with a fresh prover of the given name (the caller closes `rollout.prover`)."""
+    from env.provers import make_prover
+
+    return Rollout(backend, tokenizer, make_prover(prover_name, timeout_s=config.check_timeout_s), config,
+                   model_name=model_name, feedback=feedback)

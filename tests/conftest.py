@@ -30,3 +30,24 @@ def rocq_problems():
     from env.problems import load_problems
 
     return load_problems(DATA / "rocq_problems.jsonl")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from agent.models import load_tokenizer
+
+    return load_tokenizer("tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from agent.models import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from agent.models import load_model
+
+    return load_model("tiny-qwen3")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from agent.backends.base import Generation, SamplingParams
 
 
@@ -38,24 +36,3 @@ class ScriptedBackend:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture(scope="session")
-def qwen_tokenizer():
-    from agent.models import load_tokenizer
-
-    return load_tokenizer("tiny-qwen3")
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from agent.models import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    from agent.models import load_model
-
-    return load_model("tiny-qwen3")

@@ -1,0 +1,443 @@
+"""trainer/losses.py against slow, obvious references (full logits, explicit loops), in float64."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import weakref
+
+import pytest
+import torch
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer.losses import chunked_token_stats, fd_loss, group_advantages, grpo_loss, k3_kl, teacher_topk
+
+F64 = torch.float64
+N, H, V, K = 37, 8, 50, 5
+CHUNKS = [1, 3, 7, 16, N, 1024]  # 3, 7 and 16 do not divide 37
+
+
+def _student(seed: int = 0, n: int = N):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=g, dtype=F64).requires_grad_()
+    weight = torch.randn(V, H, generator=g, dtype=F64).requires_grad_()
+    return hidden, weight
+
+
+def _teacher(seed: int = 1, n: int = N, k: int = K):
+    g = torch.Generator().manual_seed(seed)
+    hidden = 2 * torch.randn(n, H, generator=g, dtype=F64)  # sharper than the student
+    weight = torch.randn(V, H, generator=g, dtype=F64)
+    return teacher_topk(hidden, weight, k=k)
+
+
+def _mask(seed: int = 2, n: int = N):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g) < 0.7
+
+
+# ---------------------------------------------------------------- references
+
+
+def _softmax_row(logits: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def _ref_token_stats(hidden, weight, targets):
+    logprobs, entropies = [], []
+    for i in range(hidden.shape[0]):
+        p = _softmax_row(weight @ hidden[i])
+        logprobs.append(torch.log(p[targets[i]]))
+        entropies.append(-sum(p[v] * torch.log(p[v]) for v in range(p.shape[0])))
+    return torch.stack(logprobs), torch.stack(entropies)
+
+
+def _ref_fd(hidden, weight, ids, probs, mask, *, renormalize=False, kl=False):
+    """sum over masked t of -sum_a p_T(a) log p_S(a), or of the top-K KL when kl=True."""
+    total = hidden.new_zeros(())
+    for t in range(hidden.shape[0]):
+        if not mask[t]:
+            continue
+        log_q = torch.log(_softmax_row(weight @ hidden[t]))
+        p = probs[t] / probs[t].sum() if renormalize else probs[t]
+        for j in range(ids.shape[1]):
+            a = ids[t, j]
+            total = total + p[j] * ((torch.log(p[j]) if kl else 0.0) - log_q[a])
+    return total
+
+
+def _ref_grpo(logp, old, ref, adv, mask, clip_eps, kl_coef):
+    total = logp.new_zeros(())
+    for t in range(logp.shape[0]):
+        if not mask[t]:
+            continue
+        r = torch.exp(logp[t] - old[t])
+        r_clipped = min(max(r, torch.tensor(1 - clip_eps, dtype=F64)), torch.tensor(1 + clip_eps, dtype=F64))
+        total = total - torch.minimum(r * adv[t], r_clipped * adv[t])
+        if ref is not None:
+            d = ref[t] - logp[t]
+            total = total + kl_coef * (torch.exp(d) - d - 1)
+    return total
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+# ---------------------------------------------------------------- chunked_token_stats
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_token_stats_match_reference(chunk):
+    hidden, weight = _student()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    logprobs, entropy = chunked_token_stats(hidden, weight, targets, chunk=chunk)
+    ref_logprobs, ref_entropy = _ref_token_stats(hidden, weight, targets)
+    assert logprobs.shape == entropy.shape == (N,)
+    assert_close(logprobs, ref_logprobs)
+    assert_close(entropy, ref_entropy.detach())
+    assert not entropy.requires_grad
+
+    upstream = torch.randn(N, dtype=F64, generator=torch.Generator().manual_seed(4))
+    got = _grads((logprobs * upstream).sum(), hidden, weight)
+    want = _grads((ref_logprobs * upstream).sum(), hidden, weight)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
+
+
+def test_token_stats_compute_in_fp32_for_bf16_inputs():
+    hidden, weight = _student()
+    hb, wb = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    logprobs, entropy = chunked_token_stats(hb, wb, targets, chunk=7)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    ref = torch.log_softmax(hb.float() @ wb.float().T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert_close(logprobs, ref)
+
+
+# ---------------------------------------------------------------- teacher_topk
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_teacher_topk_matches_full_softmax(chunk):
+    hidden, weight = _student(seed=5)
+    ids, probs = teacher_topk(hidden, weight, k=K, chunk=chunk)
+    assert ids.shape == probs.shape == (N, K)
+    assert ids.dtype == torch.long
+    assert not probs.requires_grad and not ids.requires_grad
+    for t in range(N):
+        p = _softmax_row(weight.detach() @ hidden.detach()[t])
+        order = sorted(range(V), key=lambda v, p=p: -p[v].item())[:K]
+        assert ids[t].tolist() == order
+        assert_close(probs[t], p[order])  # full-vocabulary probabilities, not renormalised
+    assert (probs.sum(-1) < 1).all()
+
+
+def test_teacher_topk_is_fp32_for_bf16_inputs():
+    hidden, weight = _student(seed=5)
+    _, probs = teacher_topk(hidden.detach().bfloat16(), weight.detach().bfloat16(), k=K, chunk=4)
+    assert probs.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- fd_loss
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_fd_loss_matches_reference(chunk, renormalize):
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    mask = _mask()
+    loss, stats = fd_loss(hidden, weight, ids, probs, mask, renormalize=renormalize, chunk=chunk)
+    ref = _ref_fd(hidden, weight, ids, probs, mask, renormalize=renormalize)
+    ref_kl = _ref_fd(hidden, weight, ids, probs, mask, renormalize=renormalize, kl=True)
+    assert loss.shape == ()
+    assert_close(loss, ref)
+    assert stats["tokens"] == mask.sum().item()
+    assert stats["fd/kl_topk_sum"] == pytest.approx(ref_kl.item(), rel=1e-10)
+    assert stats["fd/teacher_mass_sum"] == pytest.approx(probs[mask].sum().item(), rel=1e-12)
+    assert all(isinstance(v, float) for v in stats.values())
+
+    # Same gradient as the top-K KL(teacher || student): they differ by a student-independent constant.
+    got = _grads(loss, hidden, weight)
+    want = _grads(ref_kl, hidden, weight)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fd_loss_gradient_wrt_logits_is_top_k_kl_gradient(renormalize):
+    """d loss / d z = m softmax(z) - p_T on the top K (m = top-K mass, 1 when renormalised)."""
+    ids, probs = _teacher()
+    logits = torch.randn(N, V, dtype=F64, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    eye = torch.eye(V, dtype=F64)  # hidden = logits, weight = identity: the "hidden" gradient is the logits gradient
+    loss, _ = fd_loss(logits, eye, ids, probs, torch.ones(N, dtype=torch.bool), renormalize=renormalize, chunk=4)
+    (grad,) = _grads(loss, logits)
+    p_t = probs / probs.sum(-1, keepdim=True) if renormalize else probs
+    expected = p_t.sum(-1, keepdim=True) * torch.softmax(logits.detach(), -1)
+    expected = expected - torch.zeros(N, V, dtype=F64).scatter(-1, ids, p_t)
+    assert_close(grad, expected)
+
+
+def test_fd_loss_no_gradient_reaches_the_teacher():
+    hidden, weight = _student()
+    t_hidden = torch.randn(N, H, dtype=F64).requires_grad_()
+    t_weight = torch.randn(V, H, dtype=F64).requires_grad_()
+    ids, probs = teacher_topk(t_hidden, t_weight, k=K, chunk=5)
+    assert not probs.requires_grad and not ids.requires_grad
+    probs = probs.clone().requires_grad_()  # even a caller's grad-requiring tensor is detached
+    loss, _ = fd_loss(hidden, weight, ids, probs, _mask(), chunk=5)
+    loss.backward()
+    assert t_hidden.grad is None and t_weight.grad is None and probs.grad is None
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_fd_loss_masked_positions_contribute_nothing():
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    mask = _mask()
+    with torch.no_grad():
+        hidden[~mask] = float("nan")  # garbage where the mask is 0 must not leak
+    ids = ids.masked_fill(~mask[:, None], 10**6)  # out-of-range ids there too
+    loss, stats = fd_loss(hidden, weight, ids, probs, mask, chunk=6)
+    ref = _ref_fd(hidden[mask], weight, ids[mask], probs[mask], torch.ones(int(mask.sum()), dtype=torch.bool))
+    assert_close(loss, ref)
+    assert math.isfinite(stats["fd/kl_topk_sum"])
+    loss.backward()
+    assert (hidden.grad[~mask] == 0).all()
+    assert torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fd_loss_micro_batching_is_exact(renormalize):
+    """The trainer's invariant: 1 x 8 == 8 x 1 once the sums are divided by the batch's token count."""
+    n = 61
+    ids, probs = _teacher(n=n)
+    mask = _mask(n=n)
+    tokens = mask.sum()
+
+    hidden, weight = _student(n=n)
+    loss, stats = fd_loss(hidden, weight, ids, probs, mask, renormalize=renormalize, chunk=5)
+    (loss / tokens).backward()
+    one = (loss.detach(), stats, hidden.grad.clone(), weight.grad.clone())
+
+    hidden, weight = _student(n=n)
+    total, totals = 0.0, {}
+    for part in torch.arange(n).tensor_split(8):
+        sl = slice(int(part[0]), int(part[-1]) + 1)
+        loss, stats = fd_loss(hidden[sl], weight, ids[sl], probs[sl], mask[sl], renormalize=renormalize, chunk=5)
+        (loss / tokens).backward()
+        total = total + loss.detach()
+        totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}
+    assert_close(total, one[0])
+    assert totals == pytest.approx(one[1], rel=1e-12)
+    assert_close(hidden.grad, one[2])
+    assert_close(weight.grad, one[3])
+
+
+def test_fd_loss_without_tokens_is_zero_and_still_backpropagates():
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    loss, stats = fd_loss(hidden, weight, ids, probs, torch.zeros(N, dtype=torch.bool))
+    loss.backward()  # every rank must run backward, even on a micro-batch with nothing to learn
+    assert loss.item() == 0.0 and stats["tokens"] == 0.0
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+# ---------------------------------------------------------------- memory: the head sees at most `chunk` rows
+
+
+class _LogitProbe(TorchDispatchMode):
+    """Watches every [rows, V]-sized tensor that an op produces, forward or backward: the most rows
+    of one tensor, and the most rows alive at once (through weak references)."""
+
+    def __init__(self, v: int, h: int):
+        super().__init__()
+        self.v, self.h, self.max_rows, self.max_live_rows, self._refs = v, h, 0, 0, []
+
+    def live_rows(self) -> int:
+        return sum(t.numel() // self.v for ref in self._refs if (t := ref()) is not None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            # The weight, its transpose and its gradient are [V, H]-sized and exempt.
+            if isinstance(t, torch.Tensor) and self.v in t.shape and sorted(t.shape) != sorted((self.v, self.h)):
+                self.max_rows = max(self.max_rows, t.numel() // self.v)
+                self._refs.append(weakref.ref(t))
+        self.max_live_rows = max(self.max_live_rows, self.live_rows())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_logits_are_bounded_by_chunk_rows(chunk):
+    """No op sees more than `chunk` rows of logits, none outlive the forward pass (checkpointing),
+    and backward recomputes one chunk at a time."""
+    n, h, v, k = 40, 6, 53, 5  # all distinct, so a [rows, V] tensor is recognisable
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = torch.randn(v, h, generator=g).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    ids, probs = teacher_topk(hidden, weight, k=k, chunk=chunk)
+    mask = torch.ones(n, dtype=torch.bool)
+
+    with _LogitProbe(v, h) as probe:  # the probe itself: one chunk of all rows is seen
+        teacher_topk(hidden, weight, k=k, chunk=n)
+    assert probe.max_rows == n
+
+    for call in (
+        lambda: teacher_topk(hidden, weight, k=k, chunk=chunk)[1].sum(),
+        lambda: chunked_token_stats(hidden, weight, targets, chunk=chunk)[0].sum(),
+        lambda: fd_loss(hidden, weight, ids, probs, mask, chunk=chunk)[0],
+    ):
+        with _LogitProbe(v, h) as probe:
+            loss = call()
+            assert probe.live_rows() == 0  # nothing of vocabulary size is kept for backward
+            if loss.requires_grad:
+                loss.backward()
+        assert 0 < probe.max_rows <= chunk
+        assert probe.max_live_rows <= 4 * chunk < n  # logits, log-softmax and their gradients: one chunk's worth
+
+
+# ---------------------------------------------------------------- group_advantages
+
+
+def test_group_advantages_hand_built():
+    rewards = torch.tensor([[1.0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0.3, 0.3, 0.3, 0.3, 0.3]], dtype=F64)
+    adv = group_advantages(rewards)
+    row = [1.0, 0, 0, 0, 0]
+    mean, std = statistics.mean(row), statistics.stdev(row)  # stdev: the unbiased (n - 1) std
+    assert std == pytest.approx(math.sqrt(0.2))
+    assert adv[0].tolist() == pytest.approx([(r - mean) / (std + 1e-6) for r in row], rel=1e-12)
+    assert adv[0, 0].item() == pytest.approx(0.8 / math.sqrt(0.2), rel=1e-5)  # not 0.8 / sqrt(0.16)
+    assert (adv[1:] == 0).all()  # constant groups: exactly 0, no NaN, no rounding residue
+    assert_close(adv.sum(-1), torch.zeros(4, dtype=F64))
+
+
+def test_group_advantages_constant_groups_are_exactly_zero():
+    for dtype in (torch.float32, F64):
+        rewards = torch.rand(500, 1, generator=torch.Generator().manual_seed(11), dtype=dtype).expand(500, 5)
+        assert (rewards - rewards.mean(-1, keepdim=True)).ne(0).any()  # the mean does not round-trip exactly...
+        assert group_advantages(rewards).eq(0).all()  # ...yet no residue / eps survives
+        assert group_advantages(rewards, normalize_std=False).eq(0).all()
+
+
+def test_group_advantages_without_std_and_matches_reference():
+    rewards = torch.rand(6, 5, generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert_close(group_advantages(rewards, normalize_std=False), rewards - rewards.mean(-1, keepdim=True))
+    adv = group_advantages(rewards, eps=0.0)
+    for gi in range(6):
+        row = rewards[gi].tolist()
+        want = [(r - statistics.mean(row)) / statistics.stdev(row) for r in row]
+        assert adv[gi].tolist() == pytest.approx(want, rel=1e-10)
+    lone = torch.tensor([[1.0], [0.0]])  # a group of one sample has no baseline to beat
+    assert group_advantages(lone).eq(0).all() and group_advantages(lone, normalize_std=False).eq(0).all()
+
+
+# ---------------------------------------------------------------- k3_kl and grpo_loss
+
+
+def test_k3_kl():
+    g = torch.Generator().manual_seed(9)
+    logp, ref = -3 * torch.rand(100, generator=g, dtype=F64), -3 * torch.rand(100, generator=g, dtype=F64)
+    k3 = k3_kl(logp, ref)
+    assert (k3 >= 0).all()
+    assert_close(k3, torch.exp(ref - logp) - (ref - logp) - 1)
+    assert (k3_kl(logp, logp) == 0).all()
+    assert k3_kl(torch.tensor([0.0], dtype=F64), torch.tensor([math.log(2)], dtype=F64)).item() == pytest.approx(
+        1 - math.log(2)
+    )
+    assert k3_kl(torch.tensor([0.0], dtype=F64), torch.tensor([1e-9], dtype=F64)).item() == pytest.approx(5e-19)
+
+
+# (ratio, advantage) -> (loss, d loss / d logp, clipped?) with clip_eps = 0.2
+CLIP_CASES = [
+    (1.5, 1.0, -1.2, 0.0, True),  # A > 0, r above 1 + eps: clipped, no gradient
+    (1.5, -1.0, 1.5, 1.5, False),  # A < 0, r above: the unclipped term is the min
+    (0.5, -1.0, 0.8, 0.0, True),  # A < 0, r below 1 - eps: clipped, no gradient
+    (0.5, 1.0, -0.5, -0.5, False),  # A > 0, r below: unclipped
+    (1.1, 2.0, -2.2, -2.2, False),  # inside the range
+    (1.5, 0.0, 0.0, 0.0, False),  # zero advantage
+]
+
+
+@pytest.mark.parametrize(("ratio", "adv", "loss_want", "grad_want", "clipped"), CLIP_CASES)
+def test_grpo_clipping_hand_built(ratio, adv, loss_want, grad_want, clipped):
+    logp = torch.tensor([math.log(ratio)], dtype=F64, requires_grad=True)
+    old = torch.zeros(1, dtype=F64)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor([adv], dtype=F64), torch.ones(1), clip_eps=0.2)
+    (grad,) = _grads(loss, logp)
+    assert loss.item() == pytest.approx(loss_want)
+    assert grad.item() == pytest.approx(grad_want)
+    assert stats["grpo/clip_frac_sum"] == float(clipped)
+    assert stats["grpo/ratio_sum"] == pytest.approx(ratio)
+    assert stats["tokens"] == 1.0
+
+
+def _grpo_inputs(seed: int = 10, n: int = N):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-2 * torch.rand(n, generator=g, dtype=F64)).requires_grad_()
+    old = logp.detach() + 0.4 * torch.randn(n, generator=g, dtype=F64)  # ratios on both sides of the clip range
+    ref = logp.detach() + 0.3 * torch.randn(n, generator=g, dtype=F64)
+    adv = torch.randn(n, generator=g, dtype=F64)
+    return logp, old, ref, adv, _mask(seed, n)
+
+
+def test_grpo_loss_matches_reference():
+    logp, old, ref, adv, mask = _grpo_inputs()
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.1)
+    want = _ref_grpo(logp, old, ref, adv, mask, 0.2, 0.1)
+    assert_close(loss, want)
+    assert_close(_grads(loss, logp)[0], _grads(want, logp)[0])
+    r = torch.exp(logp.detach() - old)[mask]
+    a = adv[mask]
+    assert 0 < stats["grpo/clip_frac_sum"] < mask.sum().item()
+    assert stats["grpo/clip_frac_sum"] == ((a > 0) & (r > 1.2) | (a < 0) & (r < 0.8)).sum().item()
+    assert stats["grpo/ratio_sum"] == pytest.approx(r.sum().item())
+    assert stats["grpo/kl_sum"] == pytest.approx(k3_kl(logp.detach(), ref)[mask].sum().item())
+    assert stats["tokens"] == mask.sum().item()
+
+
+def test_grpo_without_reference_drops_the_kl():
+    logp, old, ref, adv, mask = _grpo_inputs()
+    without, stats = grpo_loss(logp, old, None, adv, mask, kl_coef=0.1)
+    with_kl, _ = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1)
+    no_coef, _ = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.0)
+    assert "grpo/kl_sum" not in stats
+    assert_close(without, no_coef)
+    assert_close(with_kl - without, 0.1 * k3_kl(logp, ref)[mask].sum())
+    assert_close(without, _ref_grpo(logp, old, None, adv, mask, 0.2, 0.1))
+
+
+def test_grpo_masked_positions_contribute_nothing():
+    logp, old, ref, adv, mask = _grpo_inputs()
+    old = old.masked_fill(~mask, -1e4)  # exp overflows to inf where the mask is 0
+    loss, stats = grpo_loss(logp, old, ref, adv, mask)
+    assert math.isfinite(loss.item()) and math.isfinite(stats["grpo/ratio_sum"])
+    (grad,) = _grads(loss, logp)
+    assert (grad[~mask] == 0).all() and torch.isfinite(grad).all()
+
+
+def test_grpo_micro_batching_is_exact():
+    logp, old, ref, adv, mask = _grpo_inputs(n=61)
+    tokens = mask.sum()
+    loss, stats = grpo_loss(logp, old, ref, adv, mask)
+    (grad_one,) = _grads(loss / tokens, logp)
+    total, totals, grad = 0.0, {}, torch.zeros_like(grad_one)
+    for sl in torch.arange(61).tensor_split(8):
+        part, part_stats = grpo_loss(logp[sl], old[sl], ref[sl], adv[sl], mask[sl])
+        grad += _grads(part / tokens, logp)[0]
+        total = total + part.detach()
+        totals = {k: totals.get(k, 0.0) + v for k, v in part_stats.items()}
+    assert_close(total, loss.detach())
+    assert totals == pytest.approx(stats, rel=1e-12)
+    assert_close(grad, grad_one)
+
+
+def test_grpo_without_tokens_is_zero_and_still_backpropagates():
+    logp, old, ref, adv, _ = _grpo_inputs()
+    loss, stats = grpo_loss(logp, old, ref, adv, torch.zeros(N))
+    (grad,) = _grads(loss, logp)
+    assert loss.item() == 0.0 and stats["tokens"] == 0.0 and (grad == 0).all()

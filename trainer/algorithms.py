@@ -1,0 +1,88 @@
+"""One optimisation step's loss and gradients for FD and GRPO, over micro-batches.
+
+Both accumulate gradients over token-budgeted micro-batches and divide every
+micro-batch's summed loss by the token count of the whole step, so the gradient does
+not depend on how the step is split (tested: 1 x 8 == 8 x 1).
+
+How this differs from the paper's setup: one optimizer step per rollout batch, so GRPO's
+"old" policy is the current one (ratio 1 at the update; clipping matters only if a
+caller takes several steps per batch), and the reference policy for the KL term is the
+initial model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from trainer.batches import Packed, TrainSequence, micro_batches, student_batch, teacher_batch
+from trainer.losses import chunked_token_stats, fd_loss, grpo_loss, teacher_topk
+
+
+def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
+    """Final hidden states at the loss positions, [N, H]; the LM head is applied later, in chunks."""
+    out = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask)
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.hidden_index)
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[TrainSequence], *,
+                top_k: int, renormalize: bool, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
+    """Accumulate the FD gradient of `sequences` into `student`; returns summed statistics."""
+    device = lm_head_weight(student).device
+    total = sum(s.num_loss_tokens for s in sequences)
+    stats: dict[str, float] = defaultdict(float)
+    if total == 0:
+        return dict(stats)
+    for batch in micro_batches(sequences, token_budget):
+        with torch.no_grad():
+            t = teacher_batch(batch, pad_id=pad_id, device=device)
+            ids, probs = teacher_topk(hidden_states(teacher, t), lm_head_weight(teacher), k=top_k, chunk=chunk)
+        s = student_batch(batch, pad_id=pad_id, device=device)
+        hidden = hidden_states(student, s)
+        loss, batch_stats = fd_loss(hidden, lm_head_weight(student), ids, probs, s.mask, renormalize=renormalize,
+                                    chunk=chunk)
+        (loss / total).backward()
+        with torch.no_grad():
+            _, entropy = chunked_token_stats(hidden.detach(), lm_head_weight(student).detach(), s.targets, chunk=chunk)
+        stats["loss_sum"] += float(loss.detach())
+        stats["entropy_sum"] += float((entropy * s.mask).sum())
+        for key, value in batch_stats.items():
+            stats[key] += value
+    stats["tokens"] = float(total)
+    return dict(stats)
+
+
+def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, sequences: Sequence[TrainSequence], *,
+                  clip_eps: float, kl_coef: float, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
+    """Accumulate the GRPO gradient; each sequence carries its (group-normalised) advantage."""
+    device = lm_head_weight(policy).device
+    total = sum(s.num_loss_tokens for s in sequences)
+    stats: dict[str, float] = defaultdict(float)
+    if total == 0:
+        return dict(stats)
+    for batch in micro_batches(sequences, token_budget):
+        s = student_batch(batch, pad_id=pad_id, device=device)
+        hidden = hidden_states(policy, s)
+        logprobs, entropy = chunked_token_stats(hidden, lm_head_weight(policy), s.targets, chunk=chunk)
+        ref = None
+        if reference is not None and kl_coef > 0:
+            with torch.no_grad():
+                ref, _ = chunked_token_stats(hidden_states(reference, s), lm_head_weight(reference), s.targets,
+                                             chunk=chunk)
+        advantages = torch.tensor([b.advantage for b in batch], device=device, dtype=torch.float32)[s.seq_index]
+        loss, batch_stats = grpo_loss(logprobs, logprobs.detach(), ref, advantages, s.mask, clip_eps=clip_eps,
+                                      kl_coef=kl_coef)
+        (loss / total).backward()
+        stats["loss_sum"] += float(loss.detach())
+        stats["entropy_sum"] += float((entropy * s.mask).sum())
+        for key, value in batch_stats.items():
+            stats[key] += value
+    stats["tokens"] = float(total)
+    return dict(stats)

@@ -1,0 +1,79 @@
+"""Checkpoints: the policy in Hugging Face format (loadable by transformers and vLLM) plus the
+state an exact resume needs: optimizer, scheduler, teacher, RNG, data position, and the
+byte lengths of the episode and metrics logs at that step.
+
+Layout: `out_dir/checkpoints/step-000007/{model/, trainer_state.pt}` and
+`out_dir/checkpoints/latest` naming the newest complete one. A checkpoint is written
+into a temporary directory and renamed into place, and `latest` is replaced atomically,
+so a run killed at any moment leaves the previous checkpoint intact. On resume the logs
+are cut back to their recorded lengths: the step that was interrupted is redone, and no
+episode or metrics record is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    pointer = checkpoint_root(out_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(out_dir) / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").exists() else None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def truncate_log(path: Path, length: int) -> None:
+    """Cut a log back to `length` bytes (what it held at the checkpoint)."""
+    if path.exists() and path.stat().st_size > length:
+        with path.open("r+b") as f:
+            f.truncate(length)
+
+
+def log_length(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
