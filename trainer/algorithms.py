@@ -1,8 +1,9 @@
 """One optimisation step's loss and gradients for FD and GRPO, over micro-batches.
 
 Both accumulate gradients over token-budgeted micro-batches and divide every
-micro-batch's summed loss by the token count of the whole step, so the gradient does
-not depend on how the step is split (tested: 1 x 8 == 8 x 1).
+micro-batch's summed loss by the token count of the whole step (over all ranks, under
+torchrun), so the gradient does not depend on how the step is split (tested: 1 x 8 ==
+8 x 1, and 2 ranks == 1).
 
 How this differs from the paper's setup: one optimizer step per rollout batch, so GRPO's
 "old" policy is the current one (ratio 1 at the update; clipping matters only if a
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from trainer import distributed
 from trainer.batches import Packed, TrainSequence, micro_batches, student_batch, teacher_batch
 from trainer.losses import chunked_token_stats, fd_loss, grpo_loss, teacher_topk
 
@@ -32,15 +34,28 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+def plan(sequences: Sequence[TrainSequence], token_budget: int, pad_id: int) -> tuple[list[list[TrainSequence]], int]:
+    """The micro-batches of this rank and the loss-token count of the whole step over all ranks.
+
+    A rank with fewer micro-batches than another gets empty ones (a single pad token, no
+    loss position): they still run forward and backward, as FSDP's collectives need.
+    """
+    batches = micro_batches(sequences, token_budget)
+    total = distributed.reduce_int(sum(s.num_loss_tokens for s in sequences), "sum")
+    count = distributed.reduce_int(len(batches), "max")
+    empty = TrainSequence([pad_id], 1, [0], [pad_id])
+    return batches + [[empty]] * (count - len(batches)), total
+
+
 def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[TrainSequence], *,
                 top_k: int, renormalize: bool, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the FD gradient of `sequences` into `student`; returns summed statistics."""
     device = lm_head_weight(student).device
-    total = sum(s.num_loss_tokens for s in sequences)
+    batches, total = plan(sequences, token_budget, pad_id)
     stats: dict[str, float] = defaultdict(float)
     if total == 0:
         return dict(stats)
-    for batch in micro_batches(sequences, token_budget):
+    for batch in batches:
         with torch.no_grad():
             t = teacher_batch(batch, pad_id=pad_id, device=device)
             ids, probs = teacher_topk(hidden_states(teacher, t), lm_head_weight(teacher), k=top_k, chunk=chunk)
@@ -55,7 +70,7 @@ def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: S
         stats["entropy_sum"] += float((entropy * s.mask).sum())
         for key, value in batch_stats.items():
             stats[key] += value
-    stats["tokens"] = float(total)
+    stats["tokens"] = float(sum(seq.num_loss_tokens for seq in sequences))  # this rank's
     return dict(stats)
 
 
@@ -63,11 +78,11 @@ def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, se
                   clip_eps: float, kl_coef: float, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the GRPO gradient; each sequence carries its (group-normalised) advantage."""
     device = lm_head_weight(policy).device
-    total = sum(s.num_loss_tokens for s in sequences)
+    batches, total = plan(sequences, token_budget, pad_id)
     stats: dict[str, float] = defaultdict(float)
     if total == 0:
         return dict(stats)
-    for batch in micro_batches(sequences, token_budget):
+    for batch in batches:
         s = student_batch(batch, pad_id=pad_id, device=device)
         hidden = hidden_states(policy, s)
         logprobs, entropy = chunked_token_stats(hidden, lm_head_weight(policy), s.targets, chunk=chunk)
@@ -84,5 +99,5 @@ def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, se
         stats["entropy_sum"] += float((entropy * s.mask).sum())
         for key, value in batch_stats.items():
             stats[key] += value
-    stats["tokens"] = float(total)
+    stats["tokens"] = float(sum(seq.num_loss_tokens for seq in sequences))  # this rank's
     return dict(stats)

@@ -3,7 +3,9 @@ state an exact resume needs: optimizer, scheduler, teacher, RNG, data position, 
 byte lengths of the episode and metrics logs at that step.
 
 Layout: `out_dir/checkpoints/step-000007/{model/, trainer_state.pt}` and
-`out_dir/checkpoints/latest` naming the newest complete one. A checkpoint is written
+`out_dir/checkpoints/latest` naming the newest complete one. Under torchrun (N processes)
+each rank also writes its own optimizer shard and RNG state, `trainer_state.rank{r}.pt`,
+and a resume needs the same N. A checkpoint is written
 into a temporary directory and renamed into place, and `latest` is replaced atomically,
 so a run killed at any moment leaves the previous checkpoint intact. On resume the logs
 are cut back to their recorded lengths: the step that was interrupted is redone, and no
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer import distributed
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -39,20 +43,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
+                    rank_state: dict[str, Any], *, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Rank 0 writes the model (`weights`: its full state dict, when sharded), the tokenizer and
+    `state`; `rank_state` is each rank's own (with one process it goes into `state`).
+    Called by every rank; returns once the checkpoint is complete."""
+    rank, world = distributed.rank(), distributed.world_size()
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    if world > 1:
+        torch.save(rank_state, tmp / f"trainer_state.rank{rank}.pt")
+    if rank == 0:
+        model.save_pretrained(tmp / "model", state_dict=weights)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(state if world > 1 else {**state, **rank_state}, tmp / "trainer_state.pt")
+    distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+    distributed.barrier()
     return final
 
 
@@ -65,7 +82,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The saved state, with this rank's own part; the caller checks `world_size`."""
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state.setdefault("world_size", 1)
+    if state["world_size"] > 1 and state["world_size"] == distributed.world_size():
+        state.update(torch.load(path / f"trainer_state.rank{distributed.rank()}.pt", map_location="cpu",
+                                weights_only=False))
+    return state
 
 
 def truncate_log(path: Path, length: int) -> None:

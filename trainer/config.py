@@ -27,7 +27,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    algorithm: Literal["fd", "grpo"] = _f("fd", "fd: Feedback Distillation; grpo: GRPO (from an FD checkpoint = GRPO over FD)")
+    algorithm: Literal["fd", "grpo"] = _f("fd", "fd: Feedback Distillation; grpo: GRPO "
+                                             "(started from an FD checkpoint: GRPO over FD)")
     model: str = _f("smollm2", "smollm2 | tiny-qwen3 | tiny-llama | a Hugging Face model directory or checkpoint")
     backend: Literal["transformers", "vllm"] = _f("transformers", "generation backend for rollouts")
     prover: Literal["auto", "lean", "rocq"] = _f("auto", "auto: Lean where the pinned Lake project is built, else Rocq")

@@ -7,11 +7,10 @@ over micro-batches equals one big batch (1 x 8 == 8 x 1).
 
 Memory: full-vocabulary logits for one 8,192-token sequence are 8,192 x 151,936 x 4 bytes
 = 5 GB in fp32. Functions that need logits therefore take the final hidden states and the
-LM head weight and compute `hidden_chunk @ weight.T` (at least fp32) for `chunk` rows at a
-time. With gradients, each chunk runs under non-reentrant activation checkpointing, so
-backward recomputes one chunk's logits at a time instead of keeping all of them. The head
-is cast to the compute dtype per chunk too, so no fp32 copy of it outlives a chunk; the
-price is that the weight's gradient is summed over chunks in the weight's own dtype.
+LM head weight and compute `hidden_chunk @ weight.T` for `chunk` rows at a time, in the
+inputs' dtype, upcasting only those logits to fp32 (at least) for the softmax. With
+gradients, each chunk runs under non-reentrant activation checkpointing, so backward
+recomputes one chunk's logits at a time instead of keeping all of them.
 """
 
 from __future__ import annotations
@@ -37,8 +36,11 @@ def _chunks(n: int, chunk: int) -> list[slice]:
 
 
 def _log_softmax_chunk(hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """[c, H], [V, H] -> [c, V] log-probabilities in `dtype`."""
-    return torch.log_softmax(F.linear(hidden.to(dtype), weight.to(dtype)), dim=-1)
+    """[c, H], [V, H] -> [c, V] log-probabilities in `dtype`.
+
+    The product runs in the inputs' own dtype (bf16 on GPU: tensor cores, fp32 accumulation,
+    no fp32 copy of the head); only the [c, V] logits are upcast before the softmax."""
+    return torch.log_softmax(F.linear(hidden, weight.to(hidden.dtype)).to(dtype), dim=-1)
 
 
 def chunked_token_stats(

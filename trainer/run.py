@@ -12,6 +12,10 @@ step (linear warmup, gradient clipping) -> EMA teacher (FD) -> new weights to th
 rollout backend -> metrics -> checkpoint -> periodic evaluation. How it differs from
 the paper: one optimizer step per rollout batch; the paper's scale (Qwen3-8B, 128
 prompts per step, 8 GPUs, vLLM) is `configs/paper_*.yaml`.
+
+Under `torchrun --nproc_per_node N -m trainer.run ...` the policy is sharded with FSDP2
+and each process runs the rollouts and the loss of its share of the step's problems;
+rank 0 alone writes the logs, checkpoints and summary (see `trainer/distributed.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ import torch
 
 from agent.episode import Episode, EpisodeWriter
 from agent.rollout import RolloutConfig, load_problem_set, make_rollout, resolve_prover, rollout_many
+from trainer import distributed
 from trainer.algorithms import fd_backward, grpo_backward
 from trainer.batches import TrainSequence
-from trainer.checkpoint import (latest_checkpoint, load_state, log_length, rng_state, save_checkpoint, set_rng_state,
-                                truncate_log)
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    log_length,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_log,
+)
 from trainer.config import ConfigError, TrainConfig, help_text, load_config
 from trainer.losses import group_advantages
 from trainer.metrics import DistinctTracker, MetricsLogger, rollout_metrics
@@ -64,12 +76,13 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = distributed.setup(cfg.device)
+        if distributed.world_size() > 1 and cfg.backend == "vllm":
+            raise ConfigError("backend=vllm is not supported under torchrun yet; use backend=transformers")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.prover, why = resolve_prover(cfg.prover)
-        print(f"prover: {self.prover} ({why}); algorithm: {cfg.algorithm}; model: {cfg.model}; "
-              f"device: {self.device}", flush=True)
+        distributed.print0(f"prover: {self.prover} ({why}); algorithm: {cfg.algorithm}; model: {cfg.model}; "
+                           f"device: {self.device}")
         self.problems = load_problem_set(cfg.problems or None, self.prover)
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -82,9 +95,6 @@ class Trainer:
             if cfg.algorithm == "fd" else None
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) \
             if cfg.algorithm == "grpo" and cfg.kl_coef > 0 else None
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.backend = self._make_backend(dtype)
         self.feedback_backend = None
         rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -93,16 +103,27 @@ class Trainer:
         feedback = self._make_feedback() if cfg.algorithm == "fd" else None
         self.rollout = make_rollout(self.backend, self.tokenizer, self.prover, rollout_cfg, model_name=cfg.model,
                                     feedback=feedback)
+        # Sharded after every full copy (teacher, reference, backends) is made: the teacher is
+        # sharded like the policy, so the EMA works shard by shard.
+        for model in (self.policy, self.teacher.model if self.teacher else None, self.reference):
+            if model is not None:
+                distributed.shard(model)
+        self.optimizer = torch.optim.AdamW(distributed.param_groups(self.policy), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.episodes_path = self.out / "episodes.jsonl"
         self.metrics_path = self.out / "metrics.jsonl"
-        self.writer = EpisodeWriter(self.episodes_path)
+        main = distributed.is_main()  # rank 0 alone writes the logs, the config and the summary
+        self.writer = EpisodeWriter(self.episodes_path) if main else None
         self.distinct = DistinctTracker()
         self.step = 0
         if cfg.resume:
             self._resume()
         self.logger = MetricsLogger(self.metrics_path, wandb_project=cfg.wandb_project or None,
-                                    wandb_mode=cfg.wandb_mode, config=cfg.to_dict())
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+                                    wandb_mode=cfg.wandb_mode, config=cfg.to_dict()) if main else None
+        if main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     # -- setup -----------------------------------------------------------------------
     def _make_backend(self, dtype: str) -> Any:

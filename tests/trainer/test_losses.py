@@ -107,13 +107,14 @@ def test_token_stats_match_reference(chunk):
         assert_close(g, w)
 
 
-def test_token_stats_compute_in_fp32_for_bf16_inputs():
+def test_token_stats_upcast_bf16_logits_to_fp32():
+    """The product runs in bf16 (as on GPU tensor cores); the softmax runs in fp32."""
     hidden, weight = _student()
     hb, wb = hidden.detach().bfloat16(), weight.detach().bfloat16()
     targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
     logprobs, entropy = chunked_token_stats(hb, wb, targets, chunk=7)
     assert logprobs.dtype == entropy.dtype == torch.float32
-    ref = torch.log_softmax(hb.float() @ wb.float().T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    ref = torch.log_softmax((hb @ wb.T).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     assert_close(logprobs, ref)
 
 
