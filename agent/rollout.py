@@ -55,8 +55,16 @@ class Rollout:
         self.model_name = model_name
         self.feedback = feedback
         self.tokenizer = tokenizer
-        self._checks = asyncio.Semaphore(config.max_concurrent_checks)
+        self._checks_by_loop: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._chat: ChatFormat | None = None
+
+    @property
+    def _checks(self) -> asyncio.Semaphore:
+        """The check-concurrency limit of the running event loop (each `asyncio.run` has its own loop)."""
+        loop = asyncio.get_running_loop()
+        if self._checks_by_loop is None or self._checks_by_loop[0] is not loop:
+            self._checks_by_loop = (loop, asyncio.Semaphore(self.config.max_concurrent_checks))
+        return self._checks_by_loop[1]
 
     def chat(self, tools: list[dict]) -> ChatFormat:
         if self._chat is None:

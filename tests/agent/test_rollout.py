@@ -115,6 +115,19 @@ def test_a_crashing_episode_does_not_lose_the_others(qwen_tokenizer, rocq, tmp_p
     assert len(list(read_episodes(tmp_path / "ep.jsonl"))) == 6
 
 
+def test_one_rollout_serves_successive_event_loops(qwen_tokenizer, rocq):
+    """A trainer calls asyncio.run once per step with the same Rollout; the check limit must follow the loop."""
+    from env.problems import load_problems
+    from tests.conftest import DATA
+
+    problems = load_problems(DATA / "rocq_problems.jsonl")[:3]
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: [call("rg_in_stdlib", pattern="Rplus_comm"),
+                                                               "done"][t - 1], max_concurrent_checks=1)
+    for _ in range(2):
+        episodes = asyncio.run(rollout_many(rollout, problems, 1, progress=False))
+        assert [e.error for e in episodes] == [None] * 3 and {e.finish_reason for e in episodes} == {"no_tool_call"}
+
+
 def test_feedback_is_stored_with_the_teacher_prompt(qwen_tokenizer, rocq):
     from agent.feedback import make_feedback
 
