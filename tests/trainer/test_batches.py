@@ -60,6 +60,17 @@ def random_sequences(vocab, n=8, seed=0):
     return out
 
 
+def student_and_teacher(tiny_model):
+    """A float64 copy of the tiny model and a slightly perturbed copy of it as the teacher."""
+    torch.manual_seed(0)
+    student = copy.deepcopy(tiny_model).double().train()
+    teacher = copy.deepcopy(student).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
 def grads(model):
     return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
@@ -69,12 +80,7 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
     """Accumulated gradients do not depend on how a step is split into micro-batches."""
     from trainer.algorithms import fd_backward, grpo_backward
 
-    torch.manual_seed(0)
-    student = copy.deepcopy(tiny_model).double().train()
-    teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
     results = []
     for budget in (10_000, 1):  # one micro-batch of 8, then 8 of one

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.trainer.test_batches import random_sequences
+from tests.trainer.test_batches import random_sequences, student_and_teacher
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")]
@@ -19,12 +19,7 @@ pytestmark = [pytest.mark.gpu,
 def test_bf16_gpu_step_matches_float64_cpu(tiny_model, algorithm):
     from trainer.algorithms import fd_backward, grpo_backward
 
-    torch.manual_seed(0)
-    student = copy.deepcopy(tiny_model).double().train()
-    teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
     losses = []
     for device, dtype in (("cpu", torch.float64), ("cuda", torch.bfloat16)):
