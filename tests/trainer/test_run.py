@@ -35,7 +35,11 @@ def metrics(out_dir):
 ])
 def test_two_steps_end_to_end(tmp_path, algorithm, extra):
     out = tmp_path / algorithm
-    proc = run_trainer(out, f"algorithm={algorithm}", "steps=2", *extra)
+    eval_problems = tmp_path / "eval.jsonl"
+    lines = (REPO / "data" / "rocq_problems.jsonl").read_text().splitlines()[:2]
+    eval_problems.write_text("\n".join(lines) + "\n")
+    proc = run_trainer(out, f"algorithm={algorithm}", "steps=2", *extra, f"eval_problems={eval_problems}",
+                       "eval_every=2")
     assert proc.stdout.splitlines()[0].startswith("prover: rocq (chosen in the config)")
     episodes = list(read_episodes(out / "episodes.jsonl"))
     per_step = 2 * (2 if algorithm == "grpo" else 1)
@@ -44,6 +48,7 @@ def test_two_steps_end_to_end(tmp_path, algorithm, extra):
         assert all(e.feedback is not None and e.feedback.source == "compiler" for e in episodes)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    assert "eval/pass@1" not in rows[0] and rows[1]["eval/pass@1"] == 0.0  # evaluated at step 2 only
     for r in rows:
         assert r["train/loss_tokens"] > 0 and r["train/entropy"] > 0 and r["time/rollout_s"] > 0
         assert 0.0 <= r["train/accuracy"] <= 1.0
