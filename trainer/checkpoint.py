@@ -86,8 +86,8 @@ def load_state(path: Path) -> dict[str, Any]:
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     state.setdefault("world_size", 1)
     if state["world_size"] > 1 and state["world_size"] == distributed.world_size():
-        state.update(torch.load(path / f"trainer_state.rank{distributed.rank()}.pt", map_location="cpu",
-                                weights_only=False))
+        # onto the device it was saved from: the optimizer's sharded state keeps its placement
+        state.update(torch.load(path / f"trainer_state.rank{distributed.rank()}.pt", weights_only=False))
     return state
 
 

@@ -123,6 +123,7 @@ def shard(model: torch.nn.Module) -> None:
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh)
         layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     replicated = {p for name, p in decoder.named_parameters() if not name.startswith("layers.")}
     fully_shard(decoder, mesh=mesh, ignored_params=replicated)
 
@@ -148,7 +149,7 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over sharded (DTensor) and replicated gradients: one
     global norm, from each kind's norm (a foreach norm cannot take both kinds at once)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if world_size() == 1:
+    if world_size() == 1 or not params:  # no gradient on any rank when the step has no loss token
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
     norms = []

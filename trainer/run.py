@@ -162,27 +162,31 @@ class Trainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.out)
         if path is None:
-            print(f"resume: no checkpoint in {self.out}; starting from step 0", flush=True)
+            distributed.print0(f"resume: no checkpoint in {self.out}; starting from step 0")
             return
         from agent.models import load_model
 
         state = load_state(path)
         if state["config"]["algorithm"] != self.cfg.algorithm:
             raise ConfigError(f"{path} was written by a {state['config']['algorithm']} run, not {self.cfg.algorithm}")
+        if state["world_size"] != distributed.world_size():
+            raise ConfigError(f"{path} was written by {state['world_size']} process(es); resume it with as many, "
+                              f"not {distributed.world_size()}")
         weights = load_model(str(path / "model"), dtype=str(next(self.policy.parameters()).dtype).split(".")[-1],
                              device=str(self.device)).state_dict()
-        self.policy.load_state_dict(weights)
-        self.backend.update_weights(self.policy.state_dict())
+        distributed.load_full_state_dict(self.policy, weights)
+        self.backend.update_weights(distributed.full_state_dict(self.policy))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
+            distributed.load_full_state_dict(self.teacher.model, state["teacher"])
         self.distinct.load_state_dict(state["distinct"])
         set_rng_state(state["rng"])
-        truncate_log(self.episodes_path, state["episodes_bytes"])
-        truncate_log(self.metrics_path, state["metrics_bytes"])
+        if distributed.is_main():
+            truncate_log(self.episodes_path, state["episodes_bytes"])
+            truncate_log(self.metrics_path, state["metrics_bytes"])
         self.step = state["step"]
-        print(f"resume: from {path} (step {self.step})", flush=True)
+        distributed.print0(f"resume: from {path} (step {self.step})")
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -193,24 +197,32 @@ class Trainer:
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save()
         summary = self.summary(last)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if distributed.is_main():
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.monotonic()
-        problems = step_problems(self.problems, self.step, cfg.prompts_per_step, cfg.seed)
-        self.rollout.config = replace(self.rollout.config, seed=cfg.seed * 100_003 + self.step)
+        rank, world = distributed.rank(), distributed.world_size()
+        problems = step_problems(self.problems, self.step, cfg.prompts_per_step, cfg.seed)[rank::world]
+        # episodes are seeded by (rollout seed, index): one rollout seed per step and rank
+        self.rollout.config = replace(self.rollout.config, seed=(cfg.seed * 100_003 + self.step) * world + rank)
         episodes = asyncio.run(rollout_many(self.rollout, problems, cfg.samples_per_prompt, self.writer,
-                                            progress=sys.stderr.isatty()))
+                                            progress=sys.stderr.isatty() and rank == 0))
+        parts = distributed.gather(episodes)  # rank 0 logs the other ranks' episodes
+        for part in parts[1:]:
+            for episode in part:
+                self.writer.write(episode)
         timings["time/rollout_s"] = time.monotonic() - t0
 
         t1 = time.monotonic()
-        stats = self._backward(episodes)
+        stats = distributed.sum_stats(self._backward(episodes))
         timings["time/loss_s"] = time.monotonic() - t1
         t2 = time.monotonic()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
+        distributed.reduce_replicated_grads(self.policy)
+        grad_norm = float(distributed.clip_grad_norm_(self.policy, cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,9 +230,12 @@ class Trainer:
         ema = self.teacher.maybe_update(self.policy, self.step) if self.teacher is not None else False
         timings["time/optimizer_s"] = time.monotonic() - t2
         t3 = time.monotonic()
-        self.backend.update_weights(self.policy.state_dict())
+        self.backend.update_weights(distributed.full_state_dict(self.policy))
         timings["time/weight_sync_s"] = time.monotonic() - t3
+        if not distributed.is_main():
+            return {}
 
+        episodes = [e for part in parts for e in part]
         metrics = {**rollout_metrics(episodes), **self.distinct.update(episodes), **timings,
                    **self._loss_metrics(stats), "train/grad_norm": grad_norm if math.isfinite(grad_norm) else -1.0,
                    "train/lr": self.scheduler.get_last_lr()[0], "train/ema_update": float(ema),
@@ -281,13 +296,16 @@ class Trainer:
         return {f"eval/{k}": v for k, v in result["pass_at_k"].items()}
 
     def save(self) -> Path:
+        """Called by every rank: the full weights are gathered to rank 0, which writes them."""
+        teacher = distributed.full_state_dict(self.teacher.model, cpu=True) if self.teacher else None
+        weights = distributed.full_state_dict(self.policy, cpu=True) if distributed.world_size() > 1 else None
         state = {
-            "step": self.step, "config": self.cfg.to_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "teacher": self.teacher.state_dict() if self.teacher else None,
-            "rng": rng_state(), "distinct": self.distinct.state_dict(),
+            "step": self.step, "config": self.cfg.to_dict(), "world_size": distributed.world_size(),
+            "scheduler": self.scheduler.state_dict(), "teacher": teacher, "distinct": self.distinct.state_dict(),
             "episodes_bytes": log_length(self.episodes_path), "metrics_bytes": log_length(self.metrics_path),
         }
-        return save_checkpoint(self.out, self.step, self.policy, self.tokenizer, state)
+        own = {"optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+        return save_checkpoint(self.out, self.step, self.policy, self.tokenizer, state, own, weights=weights)
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         checkpoint = latest_checkpoint(self.out)
@@ -301,7 +319,9 @@ class Trainer:
         if self.feedback_backend is not None:
             self.feedback_backend.close()
         self.rollout.prover.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
+        distributed.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg)
     try:
         summary = trainer.train()
+        distributed.print0(json.dumps(summary))
     finally:
         trainer.close()
-    print(json.dumps(summary))
     return 0
 
 
