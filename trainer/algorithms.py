@@ -14,7 +14,7 @@ initial model.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,50 +50,56 @@ def plan(sequences: Sequence[TrainSequence], token_budget: int, pad_id: int) -> 
 def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[TrainSequence], *,
                 top_k: int, renormalize: bool, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the FD gradient of `sequences` into `student`; returns summed statistics."""
-    device = lm_head_weight(student).device
-    batches, total = plan(sequences, token_budget, pad_id)
-    stats: dict[str, float] = defaultdict(float)
-    if total == 0:
-        return dict(stats)
-    for batch in batches:
+
+    def micro_loss(batch: list[TrainSequence], s: Packed) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         with torch.no_grad():
-            t = teacher_batch(batch, pad_id=pad_id, device=device)
+            t = teacher_batch(batch, pad_id=pad_id, device=s.input_ids.device)
             ids, probs = teacher_topk(hidden_states(teacher, t), lm_head_weight(teacher), k=top_k, chunk=chunk)
-        s = student_batch(batch, pad_id=pad_id, device=device)
         hidden = hidden_states(student, s)
-        loss, batch_stats = fd_loss(hidden, lm_head_weight(student), ids, probs, s.mask, renormalize=renormalize,
-                                    chunk=chunk)
-        (loss / total).backward()
+        loss, stats = fd_loss(hidden, lm_head_weight(student), ids, probs, s.mask, renormalize=renormalize,
+                              chunk=chunk)
         with torch.no_grad():
             _, entropy = chunked_token_stats(hidden.detach(), lm_head_weight(student).detach(), s.targets, chunk=chunk)
-        stats["loss_sum"] += float(loss.detach())
-        stats["entropy_sum"] += float((entropy * s.mask).sum())
-        for key, value in batch_stats.items():
-            stats[key] += value
-    stats["tokens"] = float(sum(seq.num_loss_tokens for seq in sequences))  # this rank's
-    return dict(stats)
+        return loss, entropy, stats
+
+    return _accumulate(student, sequences, micro_loss, token_budget=token_budget, pad_id=pad_id)
 
 
 def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, sequences: Sequence[TrainSequence], *,
                   clip_eps: float, kl_coef: float, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the GRPO gradient; each sequence carries its (group-normalised) advantage."""
-    device = lm_head_weight(policy).device
+
+    def micro_loss(batch: list[TrainSequence], s: Packed) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        logprobs, entropy = chunked_token_stats(hidden_states(policy, s), lm_head_weight(policy), s.targets,
+                                                chunk=chunk)
+        ref = None
+        if reference is not None and kl_coef > 0:
+            with torch.no_grad():
+                ref, _ = chunked_token_stats(hidden_states(reference, s), lm_head_weight(reference), s.targets,
+                                             chunk=chunk)
+        advantages = torch.tensor([b.advantage for b in batch], device=s.input_ids.device,
+                                  dtype=torch.float32)[s.seq_index]
+        loss, stats = grpo_loss(logprobs, logprobs.detach(), ref, advantages, s.mask, clip_eps=clip_eps,
+                                kl_coef=kl_coef)
+        return loss, entropy, stats
+
+    return _accumulate(policy, sequences, micro_loss, token_budget=token_budget, pad_id=pad_id)
+
+
+MicroLoss = Callable[[list[TrainSequence], Packed], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+
+
+def _accumulate(model: torch.nn.Module, sequences: Sequence[TrainSequence], micro_loss: MicroLoss, *,
+                token_budget: int, pad_id: int) -> dict[str, float]:
+    """Run `micro_loss` on each micro-batch, backpropagate its sum over the step's token count, add up stats."""
+    device = lm_head_weight(model).device
     batches, total = plan(sequences, token_budget, pad_id)
     stats: dict[str, float] = defaultdict(float)
     if total == 0:
         return dict(stats)
     for batch in batches:
         s = student_batch(batch, pad_id=pad_id, device=device)
-        hidden = hidden_states(policy, s)
-        logprobs, entropy = chunked_token_stats(hidden, lm_head_weight(policy), s.targets, chunk=chunk)
-        ref = None
-        if reference is not None and kl_coef > 0:
-            with torch.no_grad():
-                ref, _ = chunked_token_stats(hidden_states(reference, s), lm_head_weight(reference), s.targets,
-                                             chunk=chunk)
-        advantages = torch.tensor([b.advantage for b in batch], device=device, dtype=torch.float32)[s.seq_index]
-        loss, batch_stats = grpo_loss(logprobs, logprobs.detach(), ref, advantages, s.mask, clip_eps=clip_eps,
-                                      kl_coef=kl_coef)
+        loss, entropy, batch_stats = micro_loss(batch, s)
         (loss / total).backward()
         stats["loss_sum"] += float(loss.detach())
         stats["entropy_sum"] += float((entropy * s.mask).sum())
