@@ -107,11 +107,3 @@ class Prover(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class Limits:
-    """Resource limits for one prover check."""
-
-    timeout_s: float = 60.0
-    memory_mb: int = 4096
