@@ -71,6 +71,17 @@ def student_and_teacher(tiny_model):
     return student, teacher
 
 
+def backward(algorithm, student, teacher, sequences, *, token_budget, chunk):
+    """One step's FD or GRPO gradient into `student` (the teacher doubles as GRPO's reference)."""
+    from trainer.algorithms import fd_backward, grpo_backward
+
+    if algorithm == "fd":
+        return fd_backward(student, teacher, sequences, top_k=5, renormalize=False, token_budget=token_budget,
+                           chunk=chunk, pad_id=0)
+    return grpo_backward(student, teacher, sequences, clip_eps=0.2, kl_coef=0.1, token_budget=token_budget,
+                         chunk=chunk, pad_id=0)
+
+
 def grads(model):
     return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
@@ -78,19 +89,12 @@ def grads(model):
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
 def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
     """Accumulated gradients do not depend on how a step is split into micro-batches."""
-    from trainer.algorithms import fd_backward, grpo_backward
-
     student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
     results = []
     for budget in (10_000, 1):  # one micro-batch of 8, then 8 of one
         student.zero_grad()
-        if algorithm == "fd":
-            stats = fd_backward(student, teacher, sequences, top_k=5, renormalize=False, token_budget=budget,
-                                chunk=7, pad_id=0)
-        else:
-            stats = grpo_backward(student, teacher, sequences, clip_eps=0.2, kl_coef=0.1, token_budget=budget,
-                                  chunk=7, pad_id=0)
+        stats = backward(algorithm, student, teacher, sequences, token_budget=budget, chunk=7)
         results.append((stats, grads(student)))
     (s1, g1), (s8, g8) = results
     assert s1["tokens"] == s8["tokens"] == sum(s.num_loss_tokens for s in sequences)

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from agent.episode import read_episodes
 from tests.conftest import REPO, requires_coq
-from tests.trainer.test_batches import random_sequences, student_and_teacher
+from tests.trainer.test_batches import backward, random_sequences, student_and_teacher
 from tests.trainer.test_run import TINY, metrics
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -39,20 +39,14 @@ def train_step(algorithm, sequences, *, token_budget, device="cpu"):
     """One optimizer step as `trainer.run` takes it (under torchrun, on this rank's sequences):
     the stats, the gradient norm, the clipped full gradients and the full weights after AdamW."""
     from trainer import distributed
-    from trainer.algorithms import fd_backward, grpo_backward
 
     student, teacher = models(device)
     if algorithm == "grpo":  # as trainer.run does by default; FSDP recomputes the sharded layers
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     distributed.shard(student)
     distributed.shard(teacher)
-    if algorithm == "fd":
-        stats = fd_backward(student, teacher, sequences, top_k=5, renormalize=False, token_budget=token_budget,
-                            chunk=3, pad_id=0)
-    else:
-        stats = grpo_backward(student, teacher, sequences, clip_eps=0.2, kl_coef=0.1, token_budget=token_budget,
-                              chunk=3, pad_id=0)
-    stats = distributed.sum_stats(stats)
+    stats = distributed.sum_stats(backward(algorithm, student, teacher, sequences, token_budget=token_budget,
+                                           chunk=3))
     distributed.reduce_replicated_grads(student)
     norm = float(distributed.clip_grad_norm_(student, MAX_NORM))
     grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()

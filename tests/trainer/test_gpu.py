@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.trainer.test_batches import random_sequences, student_and_teacher
+from tests.trainer.test_batches import backward, random_sequences, student_and_teacher
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")]
@@ -17,17 +17,12 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
 def test_bf16_gpu_step_matches_float64_cpu(tiny_model, algorithm):
-    from trainer.algorithms import fd_backward, grpo_backward
-
     student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
     losses = []
     for device, dtype in (("cpu", torch.float64), ("cuda", torch.bfloat16)):
         s, t = copy.deepcopy(student).to(device, dtype), copy.deepcopy(teacher).to(device, dtype)
-        if algorithm == "fd":
-            stats = fd_backward(s, t, sequences, top_k=5, renormalize=False, token_budget=64, chunk=16, pad_id=0)
-        else:
-            stats = grpo_backward(s, t, sequences, clip_eps=0.2, kl_coef=0.1, token_budget=64, chunk=16, pad_id=0)
+        stats = backward(algorithm, s, t, sequences, token_budget=64, chunk=16)
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in s.parameters() if p.grad is not None))
         losses.append((stats["loss_sum"], float(grad_norm)))
     (cpu_loss, cpu_norm), (gpu_loss, gpu_norm) = losses
