@@ -24,6 +24,7 @@ import asyncio
 import copy
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import replace
@@ -54,18 +55,19 @@ from trainer.teacher import EmaTeacher
 
 def problem_order(n: int, epoch: int, seed: int) -> list[int]:
     order = list(range(n))
-    import random
-
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
 
 
 def step_problems(problems: list[Any], step: int, per_step: int, seed: int) -> list[Any]:
     """The problems of a step: a fresh shuffle each epoch, so the data position follows from the step."""
+    orders: dict[int, list[int]] = {}
     picked = []
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(position, len(problems))
-        picked.append(problems[problem_order(len(problems), epoch, seed)[index]])
+        if epoch not in orders:
+            orders[epoch] = problem_order(len(problems), epoch, seed)
+        picked.append(problems[orders[epoch][index]])
     return picked
 
 
