@@ -4,8 +4,10 @@
 `run_jailed` runs a prover command under bubblewrap: no network, a scrubbed environment,
 read-only toolchain and library paths, and the episode directory as the only writable
 place. CPU time and memory are capped with rlimits; the wall clock with a timeout that
-kills the whole process group. Where bubblewrap is missing or cannot create namespaces,
-the command still runs with the limits, and the outcome says `jailed=False`.
+kills the whole process group; the output with a capped buffer and a hard limit. Where
+bubblewrap is missing or cannot create namespaces, the command still runs with the limits,
+and the outcome says `jailed=False`. Out of memory is read from the limits (peak memory
+near the cap), never from the process's words.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from env.process import OUTPUT_LIMIT_BYTES, pump
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_EPISODE_BYTES = 4 * 1024 * 1024
@@ -103,24 +107,28 @@ class EpisodeDir:
         self.close()
 
 
+OOM_FRACTION = 0.6  # a failed process whose peak memory reached this share of its cap ran out of memory
+
+
 @dataclass(frozen=True)
 class ProcessOutcome:
-    returncode: int | None  # None when killed for the wall-clock timeout
-    stdout: str
-    stderr: str
+    """How a jailed process ended. `output` is stdout and stderr together, capped (head and tail)."""
+
+    returncode: int | None  # None when stopped for the wall-clock timeout or the output limit
+    output: str
     elapsed_s: float
     timed_out: bool
     jailed: bool
+    output_limited: bool = False  # stopped for printing more than the output limit
+    signal: int | None = None  # the signal that ended it, if one did
+    peak_rss_mb: float = 0.0
+    memory_mb: int | None = None
 
     @property
     def out_of_memory(self) -> bool:
-        return _oom_text(self.stdout + self.stderr)
-
-
-def _oom_text(text: bytes | str) -> bool:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return bool(re.search(r"out of memory|Cannot allocate memory|std::bad_alloc", text, re.I))
+        """Decided from the limits alone, never from what the process printed."""
+        failed = self.returncode != 0 and not self.timed_out and not self.output_limited
+        return failed and self.memory_mb is not None and self.peak_rss_mb >= OOM_FRACTION * self.memory_mb
 
 
 @functools.cache
@@ -136,9 +144,17 @@ def jail_available() -> bool:
         return False
 
 
-def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env: dict[str, str]) -> list[str]:
+def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env: dict[str, str], *,
+              as_pid_1: bool = False) -> list[str]:
+    """The bubblewrap command line that runs `argv` with `workdir` as its only writable directory.
+
+    `as_pid_1` runs the command itself as the namespace's first process (no reaper), so that
+    the resource usage the caller collects with `wait4` includes the command's.
+    """
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
            "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if as_pid_1:
+        cmd.append("--as-pid-1")
     for link in ("bin", "lib", "lib64", "sbin"):  # merged-/usr systems keep these as links
         target = Path("/") / link
         if target.is_symlink():
@@ -153,38 +169,72 @@ def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env:
     return cmd + ["--", *argv]
 
 
-def run_jailed(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] = (), timeout_s: float,
-               memory_mb: int | None, env: dict[str, str] | None = None, jail: bool = True) -> ProcessOutcome:
-    """Run `argv` with `workdir` as its only writable directory (seen as JAIL_ROOT when jailed).
-
-    Paths in `argv` that point into the episode must be given relative to the working
-    directory, since its absolute path differs inside the jail.
-    """
+def jailed_command(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] = (),
+                   env: dict[str, str] | None = None, jail: bool = True) -> tuple[list[str], Path | None, dict, bool]:
+    """(command, cwd, environment, jailed) for running `argv` in the jail, or unjailed where it cannot be."""
     env = {"PATH": "/usr/bin:/bin", "HOME": JAIL_ROOT, "LANG": "C.UTF-8", **(env or {})}
-    jailed = jail and jail_available()
-    if jailed:
-        cmd, cwd, run_env = jail_argv(argv, workdir, readonly, env), None, {"PATH": "/usr/bin:/bin"}
-    else:
-        cmd, cwd, run_env = list(argv), workdir, {**env, "HOME": str(workdir)}
-    cpu_s = max(1, int(timeout_s) + 1)
+    if jail and jail_available():
+        return jail_argv(argv, workdir, readonly, env, as_pid_1=True), None, {"PATH": "/usr/bin:/bin"}, True
+    return list(argv), workdir, {**env, "HOME": str(workdir)}, False
 
-    def limit() -> None:  # runs in the child, before exec; inherited by the prover
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+
+def rlimits(*, cpu_s: int | None, memory_mb: int | None):
+    """A `preexec_fn` that caps CPU time and address space in the child before it execs."""
+
+    def limit() -> None:
+        if cpu_s is not None:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
         if memory_mb is not None:
             cap = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
+    return limit
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything it started (it leads its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_jailed(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] = (), timeout_s: float,
+               memory_mb: int | None, env: dict[str, str] | None = None, jail: bool = True,
+               output_limit: int = OUTPUT_LIMIT_BYTES) -> ProcessOutcome:
+    """Run `argv` with `workdir` as its only writable directory (seen as JAIL_ROOT when jailed).
+
+    Paths in `argv` that point into the episode must be given relative to the working
+    directory, since its absolute path differs inside the jail. The output is read through a
+    capped buffer; past `output_limit` bytes the process group is killed.
+    """
+    cmd, cwd, run_env, jailed = jailed_command(argv, workdir=workdir, readonly=readonly, env=env, jail=jail)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=run_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=limit, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=rlimits(cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb))
+    assert proc.stdout is not None
     try:
-        out, err = proc.communicate(timeout=timeout_s)
-        code: int | None = proc.returncode
-        timed_out = code in (-signal.SIGXCPU, -signal.SIGKILL) and not _oom_text(out + err)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        code, timed_out = None, True
-    return ProcessOutcome(code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
-                          time.monotonic() - start, timed_out, jailed)
+        pumped = pump(None, proc.stdout.fileno(), deadline=start + timeout_s, limit=output_limit)
+        if pumped.ending != "eof":
+            kill_group(proc)
+    finally:
+        proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    stopped = pumped.ending in ("timeout", "limit")
+    sig = None if stopped else killed_by(code, jailed)
+    timed_out = pumped.ending == "timeout" or sig in (signal.SIGXCPU, signal.SIGKILL)
+    return ProcessOutcome(None if stopped else code, pumped.output.text(), time.monotonic() - start, timed_out,
+                          jailed, output_limited=pumped.ending == "limit", signal=sig,
+                          peak_rss_mb=usage.ru_maxrss / 1024, memory_mb=memory_mb)
+
+
+def killed_by(code: int, jailed: bool) -> int | None:
+    """The signal that ended the process, if one did (bubblewrap reports a child's signal N as 128 + N)."""
+    if code < 0:
+        return -code
+    if jailed and code > 128:
+        return code - 128
+    return None

@@ -1,4 +1,5 @@
-"""Every miniF2F-rocq test statement loads, renders and compiles (with `Admitted`, so: not solved).
+"""Every miniF2F-rocq test statement loads, renders and compiles (with `Admitted`, so: not solved),
+and elaborates as the proposition the trusted check compares the attempt with.
 
 The data were checked upstream with Rocq 8.20; with Coq 8.16 a few cannot compile, listed here.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from env.problems import load_problems
+from env.provers.rocq_text import statement_prop
 from env.verdict import judge
 from tests.conftest import SHARED_DATA
 
@@ -46,3 +48,14 @@ def test_all_statements_compile_with_admitted(rocq):
         verdict = judge(result, problem, rocq)
         assert not verdict.solved
         assert verdict.reason == ("uses_sorry" if name not in failed else "does_not_compile"), (name, verdict)
+
+    def statement_elaborates(problem):
+        """The trusted check's statement definition, elaborated in the problem's header."""
+        source = f"{problem.header}\nDefinition __fd_statement__ : Prop := {statement_prop(problem)}.\n"
+        with tempfile.TemporaryDirectory() as d:
+            return problem.name, rocq.check(source, Path(d), timeout_s=120)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        elaborated = dict(pool.map(statement_elaborates, problems))
+    wrong = {n: r.errors[:1] for n, r in elaborated.items() if r.status != "ok" and n not in NEEDS_NEWER_ROCQ}
+    assert not wrong

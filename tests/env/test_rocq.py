@@ -1,9 +1,18 @@
-"""The Rocq backend against real coqc: parsing, verdicts on honest and cheating files, escapes, limits."""
+"""The Rocq backend against real coqtop, coqc and coqchk: feedback, the trusted verdict, worker hygiene, limits.
+
+The adversarial suite (attempts that try to be judged solved without a proof) is in
+`test_rocq_adversarial.py`.
+"""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from env.problems import Problem
-from env.provers.rocq import parse_assumptions, parse_messages, strip_comments
+from env.provers.rocq import RocqProver
 from env.sandbox import EpisodeDir, jail_available
 from env.verdict import judge
 
@@ -12,41 +21,23 @@ PROBLEM = Problem(name="fd_test_double", prover="rocq", header=HEADER,
                   formal_statement="Theorem fd_test_double (x : R) (h : 1 < x) : x * x > x.\nProof.",
                   formal_proof="\n  nra.\nQed.")
 STATEMENT = "Theorem fd_test_double (x : R) (h : 1 < x) : x * x > x.\nProof.\n"
-
-CHEATS = {
-    "admitted": (HEADER + STATEMENT + "Admitted.\n", "uses_sorry"),
-    "admit": (HEADER + STATEMENT + "  admit.\nAdmitted.\n", "uses_sorry"),
-    "aborted": (HEADER + STATEMENT + "Abort.\n", "uses_sorry"),
-    "aborted_then_other": (HEADER + STATEMENT + "Abort.\nTheorem fd_test_double : True.\nProof. exact I. Qed.\n",
-                           "uses_sorry"),
-    "axiom": (HEADER + "Axiom magic : forall P : Prop, P.\n" + STATEMENT + "  apply magic.\nQed.\n",
-              "nonstandard_axioms"),
-    "parameter": (HEADER + "Parameter h0 : forall x : R, x * x > x.\n" + STATEMENT + "  apply h0.\nQed.\n",
-                  "nonstandard_axioms"),
-    "weakened": (HEADER + "Theorem fd_test_double (x : R) (h : 1 < x) : x * x >= x.\nProof.\n  nra.\nQed.\n",
-                 "statement_changed"),
-    "other_name": (HEADER + "Theorem other (x : R) (h : 1 < x) : x * x > x.\nProof.\n  nra.\nQed.\n",
-                   "theorem_not_found"),
-    "notation": (HEADER + 'Local Infix "*" := Rplus : R_scope.\n' + STATEMENT + "  lra.\nQed.\n",
-                 "statement_changed"),
-    "redefined_R": (HEADER + "Require Import Psatz.\nDefinition R := nat.\n"
-                    "Theorem fd_test_double (x : R) (h : (1 < x)%nat) : (x * x > x)%nat.\n"
-                    "Proof.\n  unfold R in *. nia.\nQed.\n", "statement_changed"),
-    "does_not_compile": (HEADER + STATEMENT + "  lia.\nQed.\n", "does_not_compile"),
-}
+WRONG_TACTIC = HEADER + STATEMENT + "  lia.\nQed.\n"
 
 
-def check(rocq, source, problem=PROBLEM, **kw):
+def check(prover, source, problem=PROBLEM, **kw):
     with EpisodeDir() as d:
-        result = rocq.check(source, d.root, problem=problem, **kw)
-    return result, judge(result, problem, rocq)
+        result = prover.check(source, d.root, problem=problem, **kw)
+    return result, judge(result, problem, prover) if problem is not None else None
 
 
-def test_reference_proof_solves(rocq):
+def test_reference_proof_solves_through_the_trusted_check(rocq):
     result, verdict = check(rocq, rocq.render(PROBLEM))
-    assert verdict.solved, verdict
-    assert result.statement.detail == "exact" and result.sandboxed == jail_available()
+    assert verdict.solved, (verdict, result.messages)
+    assert result.trusted and result.trusted_s > 0 and result.unsafe == ()
+    assert result.statement.matches and "kernel" in result.statement.detail
+    assert result.sandboxed == jail_available()
     assert set(result.axioms) <= rocq.standard_axioms
+    assert "Coq.Reals.ClassicalDedekindReals.sig_forall_dec" in result.axioms
 
 
 def test_extra_imports_before_the_statement_are_fine(rocq):
@@ -54,35 +45,107 @@ def test_extra_imports_before_the_statement_are_fine(rocq):
     assert check(rocq, source)[1].solved
 
 
-@pytest.mark.parametrize("cheat", sorted(CHEATS))
-def test_cheats_are_rejected(rocq, cheat):
-    source, reason = CHEATS[cheat]
+def test_feedback_locates_the_first_error_like_coqc(rocq, tmp_path):
+    source = WRONG_TACTIC + "Check not_reached.\n"
     result, verdict = check(rocq, source)
-    assert not verdict.solved
-    assert verdict.reason == reason, (verdict, result.raw_output[-800:])
-
-
-def test_messages_carry_positions(rocq):
-    result, _ = check(rocq, CHEATS["does_not_compile"][0])
     (error,) = result.errors
-    assert error.line == 6 and error.column == 3 and "lia" in error.text
+    assert (error.line, error.column) == (6, 3) and "lia" in error.text
+    assert verdict.reason == "does_not_compile" and not result.trusted
+    cold = rocq.cold_feedback(source, tmp_path, timeout_s=30)
+    assert [(m.line, m.column, m.text) for m in cold.messages if m.severity == "error"] == \
+        [(error.line, error.column, error.text)]
+
+
+def test_feedback_shows_what_the_file_prints(rocq):
+    result, _ = check(rocq, HEADER + 'Check Rplus_comm.\nGoal True. idtac "hello". exact I. Qed.\n', problem=None)
+    infos = [m for m in result.messages if m.severity == "info"]
+    assert any("forall r1 r2 : R" in m.text and m.line == 4 for m in infos)
+    assert any(m.text == "hello" and m.line == 5 for m in infos)
+
+
+@pytest.mark.parametrize("source, words", [
+    (HEADER + STATEMENT + "  nra.\nQed", "final '.'"),
+    (HEADER + STATEMENT + "  nra.\n", "unfinished proof (fd_test_double)"),
+    (HEADER + STATEMENT + "  nra.\n(* Qed.", "inside a comment"),
+])
+def test_unfinished_files_do_not_compile(rocq, source, words):
+    result, verdict = check(rocq, source)
+    assert result.status == "error" and verdict.reason == "does_not_compile"
+    assert words in result.errors[-1].text
+
+
+def test_nothing_leaks_from_one_check_to_the_next(rocq):
+    leaky = HEADER + 'Definition leak := 1.\nNotation "\'leaky\'" := 42.\nGlobal Set Implicit Arguments.\n'
+    assert check(rocq, leaky, problem=None)[0].status == "ok"
+    for probe in ("Check leak.", "Check leaky."):
+        result, _ = check(rocq, HEADER + probe + "\n", problem=None)
+        assert result.status == "error" and "not found" in result.errors[0].text, (probe, result.messages)
+    result, _ = check(rocq, HEADER + "Test Implicit Arguments.\n", problem=None)
+    assert "Implicit Arguments is off" in result.messages[-1].text
+    assert check(rocq, rocq.render(PROBLEM))[1].solved
+
+
+def test_a_worker_that_ran_stateful_commands_is_replaced(tmp_path):
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        with prover.pool.worker(()) as first:
+            pass
+        result, _ = check(prover, 'Cd "/".\nCheck nat.\n', problem=None)
+        assert result.status in ("ok", "error")
+        with prover.pool.worker(()) as second:
+            assert second is not first and second.alive and not first.alive
+        assert not (tmp_path / "escaped").exists()
+        assert check(prover, prover.render(PROBLEM))[1].solved
+    finally:
+        prover.close()
+
+
+def test_workers_serve_concurrent_checks(rocq):
+    sources = [rocq.render(PROBLEM), WRONG_TACTIC] * 3
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        verdicts = list(pool.map(lambda s: check(rocq, s)[1].reason, sources))
+    assert verdicts == ["solved", "does_not_compile"] * 3
+
+
+def test_a_header_coqtop_cannot_load_falls_back_to_a_cold_compile(rocq):
+    broken = Problem(name="p", prover="rocq", header="Require Import NoSuchLibrary.\n",
+                     formal_statement="Theorem p : True.\nProof.")
+    result, verdict = check(rocq, rocq.render(broken, "exact I."), problem=broken)
+    assert verdict.reason == "does_not_compile" and "NoSuchLibrary" in result.errors[0].text
 
 
 def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq):
     loop = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
     result, verdict = check(rocq, loop, timeout_s=3)
-    assert result.status == "timeout" and verdict.reason == "timeout"
+    assert result.status == "timeout" and verdict.reason == "timeout", (result.messages, result.raw_output[-500:])
     assert check(rocq, rocq.render(PROBLEM))[1].solved
 
 
-def test_memory_bomb_hits_the_cap(rocq):
-    from env.provers.rocq import RocqProver
-
+def test_memory_bomb_hits_the_cap_and_the_next_check_is_fine():
     small = RocqProver(timeout_s=60, memory_mb=1024)
-    bomb = "Require Import Arith.\nGoal True. Eval vm_compute in (Nat.pow 3 40). exact I. Qed.\n"
-    result, verdict = check(small, bomb)
-    assert result.status == "oom" and verdict.reason == "out_of_memory"
-    assert check(small, small.render(PROBLEM))[1].solved
+    try:
+        bomb = "Require Import Arith.\nGoal True. Eval vm_compute in (Nat.pow 3 40). exact I. Qed.\n"
+        result, verdict = check(small, bomb)
+        assert result.status == "oom" and verdict.reason == "out_of_memory"
+        assert check(small, small.render(PROBLEM))[1].solved
+    finally:
+        small.close()
+
+
+def test_printed_words_do_not_make_out_of_memory(rocq):
+    scary = HEADER + 'Goal True. idtac "Error: Out of memory."; idtac "Cannot allocate memory". exact I. Qed.\n'
+    assert check(rocq, scary, problem=None)[0].status == "ok"
+    failing = HEADER + 'Goal True. idtac "Cannot allocate memory". fail "Out of memory". Qed.\n'
+    assert check(rocq, failing, problem=None)[0].status == "error"
+
+
+def test_output_flood_is_stopped_and_bounded(rocq):
+    flood = 'Ltac flood := idtac "Warning: flood flood flood flood flood"; flood.\nGoal True. flood. Qed.\n'
+    result, verdict = check(rocq, HEADER + flood)
+    assert result.status == "error" and verdict.reason == "does_not_compile"
+    assert "more output than allowed" in result.errors[-1].text
+    assert len(result.raw_output) < 200_000 and len(result.messages) < 10_000
+    assert check(rocq, rocq.render(PROBLEM))[1].solved
 
 
 @pytest.mark.skipif(not jail_available(), reason="needs bubblewrap: apt-get install bubblewrap")
@@ -90,15 +153,13 @@ def test_file_cannot_write_or_read_outside_its_sandbox(rocq, tmp_path):
     target = tmp_path / "escaped.txt"
     secret = tmp_path / "Secret.v"
     secret.write_text("Definition secret := 42.\n")
-    write = f'Redirect "{target}" Print nat.\n'
-    result, _ = check(rocq, write, problem=None)
-    assert not target.exists() and not target.with_suffix(".txt.out").exists()
-    read = f'Load "{secret}".\nCheck secret.\n'
-    result, _ = check(rocq, read, problem=None)
+    for source in (f'Redirect "{target}" Print nat.\n', f'Extraction "{target}" nat.\n'):
+        check(rocq, source, problem=None)
+    assert list(tmp_path.iterdir()) == [secret]
+    result, _ = check(rocq, f'Load "{secret}".\nCheck secret.\n', problem=None)
     assert result.status == "error" and "42" not in result.raw_output
-    tmp_write = 'Redirect "/tmp/fd_escape" Print nat.\n'
-    check(rocq, tmp_write, problem=None)
-    assert not any(p.name.startswith("fd_escape") for p in __import__("pathlib").Path("/tmp").iterdir())
+    check(rocq, 'Redirect "/tmp/fd_escape" Print nat.\n', problem=None)
+    assert not any(p.name.startswith("fd_escape") for p in Path("/tmp").iterdir())
 
 
 def test_search_finds_stdlib_lemmas(rocq):
@@ -106,29 +167,39 @@ def test_search_finds_stdlib_lemmas(rocq):
     assert any(h.path.endswith("Raxioms.v") and "Rplus_comm" in h.text for h in hits)
 
 
-def test_parse_messages_and_assumptions():
-    out = ('File "./FdAttempt.v", line 3, characters 2-5:\nWarning: foo\nbar\n'
-           'File "./FdAttempt.v", line 7, characters 0-4:\nError: Syntax error.\n')
-    warning, error = parse_messages(out)
-    assert (warning.severity, warning.line, warning.column, warning.text) == ("warning", 3, 3, "foo\nbar")
-    assert (error.severity, error.line, error.text) == ("error", 7, "Syntax error.")
-    assumptions = "Axioms:\nA.x\n  : forall P : Prop, P\nB.y : nat\n"
-    assert parse_assumptions(assumptions) == (("A.x", "B.y"), [])
-    assert parse_assumptions("Closed under the global context\n") == ((), [])
-    assert parse_assumptions("nothing") is None
+def test_workers_outlive_the_threads_that_asked_for_them():
+    """bubblewrap kills a jail when the thread that started it ends; checks often run in short-lived threads."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        asker = threading.Thread(target=check, args=(prover, prover.render(PROBLEM)))
+        asker.start()
+        asker.join()
+        (worker,) = prover.pool._idle
+        time.sleep(0.5)
+        assert worker.proc.poll() is None
+        with EpisodeDir() as d:
+            assert prover.feedback(WRONG_TACTIC, d.root, problem=PROBLEM, timeout_s=30).status == "error"
+        assert prover.pool._idle == [worker]
+    finally:
+        prover.close()
 
 
-def test_strip_comments_keeps_code_and_lines():
-    src = 'Theorem a : True. (* Admitted (* nested *) *)\nProof. idtac "admit". exact I. Qed.'
-    stripped = strip_comments(src)
-    assert "Admitted" not in stripped and "admit" not in stripped and stripped.count("\n") == 1
-    assert "exact I" in stripped
+def test_close_stops_the_workers():
+    prover = RocqProver(timeout_s=30, memory_mb=2048)
+    check(prover, prover.render(PROBLEM))
+    workers = list(prover.pool._idle)
+    assert workers and all(w.alive for w in workers)
+    prover.close()
+    assert not any(w.alive or w.proc.poll() is None for w in workers)
+    with pytest.raises(RuntimeError, match="closed"):
+        check(prover, prover.render(PROBLEM))
 
 
-def test_a_killed_prover_is_a_crash_outcome(rocq):
-    from env.sandbox import ProcessOutcome
-
-    killed = ProcessOutcome(returncode=-11, stdout="", stderr="", elapsed_s=0.1, timed_out=False, jailed=True)
-    result = rocq._result(killed, "Theorem x : True.")
-    assert result.status == "crash" and "exit status -11" in result.errors[0].text
-    assert judge(result, PROBLEM, rocq).reason == "prover_crash"
+def test_a_killed_worker_is_a_crash_outcome(rocq):
+    killer = threading.Timer(0.5, lambda: [w.proc.kill() for w in list(rocq.pool._busy)])
+    source = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
+    killer.start()
+    result, verdict = check(rocq, source, timeout_s=20)
+    killer.join()
+    assert result.status == "crash" and verdict.reason == "prover_crash"
+    assert check(rocq, rocq.render(PROBLEM))[1].solved

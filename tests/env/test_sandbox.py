@@ -74,8 +74,8 @@ def test_jail_sees_only_its_workdir(box, tmp_path, monkeypatch):
               f"print(sorted(os.environ)); open('out.txt', 'w').write('ok')")
     out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=30, memory_mb=None,
                      readonly=[_python_prefix()])
-    assert out.jailed and out.returncode == 0, out.stderr
-    cwd, seen, env = out.stdout.splitlines()
+    assert out.jailed and out.returncode == 0, out.output
+    cwd, seen, env = out.output.splitlines()
     assert cwd == JAIL_ROOT and seen == "False"
     assert "FD_TEST_SECRET" not in env
     assert (box.root / "out.txt").read_text() == "ok"
@@ -87,7 +87,7 @@ def test_jail_has_no_network(box):
     script = "import socket; print(sorted(name for _, name in socket.if_nameindex()))"
     out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=30, memory_mb=None,
                      readonly=[_python_prefix()])
-    assert out.stdout.strip() == "['lo']", out.stderr
+    assert out.output.strip() == "['lo']", out.output
 
 
 def test_timeout_kills_the_process(box):
@@ -99,7 +99,7 @@ def test_timeout_kills_the_process(box):
 def test_memory_cap(box):
     out = run_jailed([sys.executable, "-c", "x = bytearray(2 * 1024**3)"], workdir=box.root, timeout_s=30,
                      memory_mb=512, readonly=[_python_prefix()])
-    assert out.returncode != 0 and "MemoryError" in out.stderr
+    assert out.returncode != 0 and "MemoryError" in out.output
 
 
 def _python_prefix():

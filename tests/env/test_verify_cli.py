@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import DATA, REPO, SHARED_DATA, requires_coq
-from tests.env.test_rocq import CHEATS, PROBLEM
+from tests.env.test_rocq import HEADER, PROBLEM
+from tests.env.test_rocq_adversarial import ATTACKS
 
 pytestmark = requires_coq
 
@@ -27,11 +28,11 @@ def test_attempts_in_input_order(tmp_path):
     problems.write_text(json.dumps(PROBLEM.to_dict()) + "\n")
     good = RocqProver().render(PROBLEM)
     attempts = [
-        {"name": PROBLEM.name, "source": CHEATS["weakened"][0]},
+        {"name": PROBLEM.name, "source": HEADER + ATTACKS["weakened"][0]},
         {"name": PROBLEM.name, "source": good, "model": "ignored"},
         {"name": "nobody", "source": good},
         {"name": PROBLEM.name},
-        {"name": PROBLEM.name, "source": CHEATS["axiom"][0]},
+        {"name": PROBLEM.name, "source": HEADER + ATTACKS["axiom"][0]},
     ]
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join(json.dumps(a) for a in attempts) + "\nnot json\n")
