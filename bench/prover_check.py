@@ -1,12 +1,18 @@
-"""Cold vs warm check time per problem: how much a prover gains from work it has already done.
+"""Time per check of each path a prover has, on the reference proofs of a problem set.
 
-    python bench/prover_check.py [--prover rocq|lean] [--problems FILE] [--repeats 3]
+    python bench/prover_check.py [--prover rocq|lean] [--problems FILE] [--repeats 3] [--limit N]
 
-Cold: the first check of a problem's reference proof by a fresh prover object (for Lean
-this includes starting a REPL worker and elaborating the header; for Rocq, whose checks
-are separate `coqc` runs, only what the OS has not cached yet). Warm: the mean of the
-next `--repeats` checks of the same file. Prints one line per problem, then the medians
-and their ratio, all measured in this run.
+Rocq, per problem (all measured in this run, on the same file):
+- cold: one `coqc` compile of the file in the jail, loading its libraries from scratch (what
+  each check cost before warm workers; the old check ran two such compiles);
+- warm: the mean of `--repeats` feedback checks through a warm `coqtop` worker that has the
+  problem header's libraries loaded (the first, which starts the worker, is not counted);
+- trusted: the trusted re-check that decides "solved" (cold compile, statement check,
+  `coqchk`), run only for files the warm check passed;
+- full: `check()` end to end, warm feedback then the trusted re-check.
+Lean: cold is the first check by a fresh prover object (a REPL worker is started and the
+header elaborated), warm the mean of the next `--repeats` checks.
+Prints one line per problem, then the medians and the cold/warm ratio.
 """
 
 from __future__ import annotations
@@ -27,11 +33,35 @@ from env.verdict import judge  # noqa: E402
 DEFAULT_PROBLEMS = {"rocq": "data/rocq_problems.jsonl", "lean": "data/lean_problems.jsonl"}
 
 
-def timed_check(prover, problem, source) -> tuple[float, bool]:
+def timed(fn) -> tuple[float, object]:
     with EpisodeDir(prefix="bench-") as d:
         start = time.perf_counter()
-        result = prover.check(source, d.root, problem=problem)
-        return time.perf_counter() - start, judge(result, problem, prover).solved
+        out = fn(d.root)
+        return time.perf_counter() - start, out
+
+
+def rocq_row(prover, problem, repeats: int) -> dict[str, float | bool]:
+    source = prover.render(problem)
+    timeout = prover.timeout_s
+    cold, _ = timed(lambda d: prover.cold_feedback(source, d, timeout_s=timeout))
+    timed(lambda d: prover.feedback(source, d, problem=problem, timeout_s=timeout))  # starts the worker
+    warm = statistics.mean(timed(lambda d: prover.feedback(source, d, problem=problem, timeout_s=timeout))[0]
+                           for _ in range(repeats))
+    trusted, _ = timed(lambda d: prover.trusted_check(source, d, problem=problem, timeout_s=timeout))
+    full, result = timed(lambda d: prover.check(source, d, problem=problem))
+    return {"cold": cold, "warm": warm, "trusted": trusted, "full": full,
+            "solved": judge(result, problem, prover).solved}
+
+
+def lean_row(problem, repeats: int) -> dict[str, float | bool]:
+    prover = make_prover("lean")
+    source = prover.render(problem)
+    try:
+        cold, result = timed(lambda d: prover.check(source, d, problem=problem))
+        warm = statistics.mean(timed(lambda d: prover.check(source, d, problem=problem))[0] for _ in range(repeats))
+    finally:
+        prover.close()
+    return {"cold": cold, "warm": warm, "solved": judge(result, problem, prover).solved}
 
 
 def main() -> None:
@@ -45,20 +75,22 @@ def main() -> None:
     problems = load_problems(args.problems or root / DEFAULT_PROBLEMS[args.prover])
     problems = problems[: args.limit or None]
 
-    cold, warm = [], []
-    print(f"prover={args.prover} problems={len(problems)} repeats={args.repeats}")
-    print(f"{'problem':<40} {'cold_s':>8} {'warm_s':>8} {'ratio':>6} solved")
-    for problem in problems:
-        prover = make_prover(args.prover)
-        source = prover.render(problem)
-        first, solved = timed_check(prover, problem, source)
-        rest = [timed_check(prover, problem, source)[0] for _ in range(args.repeats)]
-        prover.close()
-        cold.append(first)
-        warm.append(statistics.mean(rest))
-        print(f"{problem.name:<40} {first:8.3f} {warm[-1]:8.3f} {first / warm[-1]:6.2f} {solved}")
-    c, w = statistics.median(cold), statistics.median(warm)
-    print(f"median cold {c:.3f} s, median warm {w:.3f} s, cold/warm {c / w:.2f}")
+    columns = ["cold", "warm", "trusted", "full"] if args.prover == "rocq" else ["cold", "warm"]
+    print(f"prover={args.prover} problems={len(problems)} repeats={args.repeats} (seconds per check)")
+    print(f"{'problem':<40}" + "".join(f"{c + '_s':>10}" for c in columns) + "  solved")
+    rows = []
+    prover = make_prover("rocq") if args.prover == "rocq" else None
+    try:
+        for problem in problems:
+            row = rocq_row(prover, problem, args.repeats) if prover else lean_row(problem, args.repeats)
+            rows.append(row)
+            print(f"{problem.name:<40}" + "".join(f"{row[c]:10.3f}" for c in columns) + f"  {row['solved']}")
+    finally:
+        if prover is not None:
+            prover.close()
+    medians = {c: statistics.median(r[c] for r in rows) for c in columns}
+    print("median " + ", ".join(f"{c} {v:.3f} s" for c, v in medians.items())
+          + f"; cold/warm {medians['cold'] / medians['warm']:.1f}x; solved {sum(r['solved'] for r in rows)} of {len(rows)}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def run_tool(name: str, arguments: dict | str | None, *, prover: Prover, problem
             result = prover.check(source, workdir.root, problem=problem, timeout_s=check_timeout_s)
             verdict = judge(result, problem, prover)
             return ToolOutput(format_check(result, verdict, rel, output_chars), check=result, verdict=verdict,
-                              timings={"check_s": result.elapsed_s})
+                              timings={"check_s": result.elapsed_s, "trusted_check_s": result.trusted_s})
         if name == prover.tools.search:
             hits = prover.search(_string_arg(args, "pattern"), max_hits=MAX_SEARCH_HITS)
             return ToolOutput(format_search(hits, output_chars))

@@ -8,9 +8,10 @@
    runs none of the attempt's sentences (loading a compiled library replays declarations,
    it does not execute commands). Which stage it reached is read from the files its
    `Redirect`s wrote, which only that compilation can write.
-3. `coqchk`, Coq's standalone kernel checker, re-typechecks both compiled libraries in a
-   process that runs no attempt code, and prints a context summary (axioms, and every
-   declaration that relies on type-in-type, unchecked (co)fixpoints or assumed positivity).
+3. `coqchk`, Coq's standalone kernel checker, re-typechecks the attempt's compiled library
+   in a process that runs no attempt code (at the same time as step 2), and prints a
+   context summary: axioms, and every declaration that relies on type-in-type, unchecked
+   (co)fixpoints or assumed positivity.
 
 Nothing the attempt prints takes part: every answer is an exit status, a file written by a
 process that ran no attempt code, or `coqchk`'s summary, parsed strictly.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +107,10 @@ def trusted_check(source: str, problem: Problem, *, workdir: Path, timeout_s: fl
         shutil.rmtree(compile_dir, ignore_errors=True)
 
         (check_dir / f"{CHECK}.v").write_text(check_source(problem), encoding="utf-8")
-        checked = run(["coqc", "-q", "-Q", ".", "", f"{CHECK}.v"], check_dir)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the kernel re-check runs beside the statement check
+            rechecked = pool.submit(run, ["coqchk", "-silent", "-o", "-Q", ".", "", "-norec", ATTEMPT], check_dir)
+            checked = run(["coqc", "-q", "-Q", ".", "", f"{CHECK}.v"], check_dir)
+            kernel = rechecked.result()
         stage = [_read_stage(check_dir / f"{name}.out") for name in STAGE_FILES]
         if checked.timed_out or checked.out_of_memory:
             status = outcome_status(checked)
@@ -122,8 +127,6 @@ def trusted_check(source: str, problem: Problem, *, workdir: Path, timeout_s: fl
             return done("ok", checked.jailed, statement=statement)
         statement = StatementCheck(True, True, "the kernel accepts it as a proof of the problem's statement")
         printed = parse_assumptions(stage[2])
-
-        kernel = run(["coqchk", "-silent", "-o", "-Q", ".", "", "-norec", ATTEMPT, "-norec", CHECK], check_dir)
         if kernel.timed_out or kernel.out_of_memory:
             status = outcome_status(kernel)
             return done(status, kernel.jailed, statement=statement,
@@ -133,7 +136,7 @@ def trusted_check(source: str, problem: Problem, *, workdir: Path, timeout_s: fl
             reason = ("the kernel checker rejected the compiled file" if kernel.returncode != 0
                       else "the kernel checker's summary could not be read")
             return done("ok", kernel.jailed, statement=statement, unsafe=(f"{reason}: {kernel.output.strip()[-300:]}",))
-        own = tuple(a for a in summary.axioms if a.split(".")[0] in (ATTEMPT, CHECK))
+        own = tuple(a for a in summary.axioms if a.split(".")[0] == ATTEMPT)
         axioms = None if printed is None else tuple(dict.fromkeys(
             [full_name(p, standard_axioms) for p in printed] + list(own)))
         return done("ok", kernel.jailed, statement=statement, axioms=axioms, unsafe=tuple(summary.unsafe()))

@@ -196,10 +196,18 @@ def test_close_stops_the_workers():
 
 
 def test_a_killed_worker_is_a_crash_outcome(rocq):
-    killer = threading.Timer(0.5, lambda: [w.proc.kill() for w in list(rocq.pool._busy)])
-    source = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
+    def kill_when_busy():
+        for _ in range(500):
+            busy = list(rocq.pool._busy)
+            if busy:
+                time.sleep(0.3)
+                busy[0].proc.kill()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_busy)
     killer.start()
-    result, verdict = check(rocq, source, timeout_s=20)
+    result, verdict = check(rocq, "Goal True. repeat (assert True by exact I). exact I. Qed.\n", timeout_s=20)
     killer.join()
-    assert result.status == "crash" and verdict.reason == "prover_crash"
+    assert result.status == "crash" and verdict.reason == "prover_crash", result.messages
     assert check(rocq, rocq.render(PROBLEM))[1].solved
