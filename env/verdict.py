@@ -9,7 +9,7 @@ from env.provers.base import CheckResult, Prover
 
 REASONS = (
     "solved", "does_not_compile", "timeout", "out_of_memory", "prover_crash", "uses_sorry",
-    "theorem_not_found", "statement_changed", "nonstandard_axioms", "not_checked",
+    "theorem_not_found", "statement_changed", "nonstandard_axioms", "kernel_rejected", "not_checked",
 )
 
 
@@ -27,7 +27,11 @@ class Verdict:
 
 
 def judge(result: CheckResult, problem: Problem, prover: Prover) -> Verdict:
-    """Solved iff the file compiled cleanly, proves the unchanged statement, and uses no sorry or extra axiom."""
+    """Solved iff the file compiled cleanly, proves the unchanged statement, and uses no sorry or extra axiom.
+
+    Every fact behind a "solved" comes from the trusted re-check (`result.trusted`); the
+    prover's messages only ever turn a verdict into a failure.
+    """
     if result.status == "timeout":
         return Verdict(False, "timeout", result.errors[-1].text if result.errors else "")
     if result.status == "oom":
@@ -39,8 +43,10 @@ def judge(result: CheckResult, problem: Problem, prover: Prover) -> Verdict:
         return Verdict(False, "does_not_compile", f"line {first.line}: {first.text[:200]}" if first else "")
     if result.uses_sorry:
         return Verdict(False, "uses_sorry", "the proof is incomplete (sorry, admit, Admitted or Abort)")
-    if result.statement is None:
-        return Verdict(False, "not_checked", "the statement was not checked")
+    if not result.trusted or result.statement is None:
+        return Verdict(False, "not_checked", "the file was not re-checked by the trusted kernel checker")
+    if result.unsafe:
+        return Verdict(False, "kernel_rejected", "; ".join(result.unsafe)[:500])
     if not result.statement.found:
         return Verdict(False, "theorem_not_found", result.statement.detail or f"no theorem named {problem.name}")
     if not result.statement.matches:

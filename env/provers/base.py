@@ -47,10 +47,15 @@ class CheckResult:
 
     `status` is "ok" when the prover ran to the end with no error message, "error" when it
     ran and reported errors, and "timeout" / "oom" / "crash" when it did not finish.
-    `axioms` lists what the problem's theorem depends on, as the prover printed it
-    (None when that could not be determined, e.g. the file did not compile).
-    `uses_sorry` is True when the prover saw `sorry`/`admit`/`Admitted` or the text has one.
-    `statement` is None when no problem was given or the check did not get that far.
+    `messages` are the model's feedback; nothing in them decides the verdict.
+    `uses_sorry` is True when the source text has `sorry`/`admit`/`Admitted` (a quick
+    rejection only: a file without these words still needs the trusted re-check).
+    `statement`, `axioms` and `unsafe` come from the trusted re-check when `trusted` is
+    True: a separate process that ran none of the attempt's code re-checked the compiled
+    file with the kernel (Rocq: `coqchk` on the `.vo`; Lean: a kernel replay of the
+    `.olean`). Only such a result can be judged solved. `axioms` lists what the problem's
+    theorem depends on (None when unknown); `unsafe` lists what the kernel checker
+    refused or flagged (declarations that skipped a kernel check, or its failure).
     """
 
     status: Status
@@ -61,6 +66,9 @@ class CheckResult:
     elapsed_s: float = 0.0
     sandboxed: bool = True
     raw_output: str = ""
+    trusted: bool = False
+    unsafe: tuple[str, ...] = ()
+    trusted_s: float = 0.0  # time spent in the trusted re-check (part of elapsed_s)
 
     @property
     def errors(self) -> tuple[Message, ...]:
