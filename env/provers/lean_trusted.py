@@ -204,7 +204,10 @@ class TrustedChecker:
                 except TrustedFailure as failure:
                     if failure.status not in ("error", "crash"):
                         raise  # a timeout or out of memory may pass: compile it again next time
-                    self._references[key] = TrustedFailure("crash", failure.text, failure.messages)
+                    # The compiler's messages, then what they mean (the last error is the verdict's detail).
+                    messages = tuple(m for m in failure.messages if m.text != failure.text)
+                    self._references[key] = TrustedFailure("crash", failure.text,
+                                                           messages + (Message("error", failure.text),))
             found = self._references[key]
         if isinstance(found, TrustedFailure):
             raise found
