@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from env.problems import Problem
 from env.provers.lean_jail import Launch
 
+LEAN_HEADER = ("import Mathlib\nimport Aesop\n\nset_option maxHeartbeats 400000\n\n"
+               "open BigOperators Real Nat Topology Rat\n\n")
+LEAN_PROBLEM = Problem(name="fd_lean_linear_eq_1", prover="lean", header=LEAN_HEADER,
+                       formal_statement="theorem fd_lean_linear_eq_1 (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by",
+                       formal_proof="\n  linarith")
 FAKES = Path(__file__).resolve().parent / "lean_fakes"
 FAKE_REPL = FAKES / "fdrepl.py"
 

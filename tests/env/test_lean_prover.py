@@ -14,11 +14,9 @@ from env.provers.base import CheckResult, Message, StatementCheck
 from env.provers.lean import LeanProver, LeanUnavailableError, feedback_result, unavailable_reason, with_trusted
 from env.sandbox import EpisodeDir, jail_available
 from env.verdict import judge
+from tests.env.conftest import LEAN_HEADER, LEAN_PROBLEM
 
-HEADER = "import Mathlib\nimport Aesop\n\nset_option maxHeartbeats 400000\n\nopen BigOperators Real Nat Topology Rat\n\n"
-PROBLEM = Problem(name="fd_lean_linear_eq_1", prover="lean", header=HEADER,
-                  formal_statement="theorem fd_lean_linear_eq_1 (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by",
-                  formal_proof="\n  linarith")
+HEADER, PROBLEM = LEAN_HEADER, LEAN_PROBLEM
 
 
 @pytest.fixture

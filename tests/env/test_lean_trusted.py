@@ -11,11 +11,9 @@ from env.provers.base import Message, StatementCheck
 from env.provers.lean_jail import read_toolchain
 from env.provers.lean_trusted import Answer, TrustedChecker, TrustedFailure, compile_messages, read_answer
 from env.sandbox import jail_available
+from tests.env.conftest import LEAN_HEADER, LEAN_PROBLEM
 
-HEADER = "import Mathlib\nimport Aesop\n\nset_option maxHeartbeats 400000\n\nopen BigOperators Real Nat Topology Rat\n\n"
-PROBLEM = Problem(name="fd_lean_linear_eq_1", prover="lean", header=HEADER,
-                  formal_statement="theorem fd_lean_linear_eq_1 (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by",
-                  formal_proof="\n  linarith")
+HEADER, PROBLEM = LEAN_HEADER, LEAN_PROBLEM
 NAME = PROBLEM.name
 STANDARD = ["propext", "Classical.choice", "Quot.sound"]
 
