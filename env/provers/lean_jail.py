@@ -154,7 +154,8 @@ class Outcome:
 
     @property
     def out_of_memory(self) -> bool:
-        return bool(_OOM.search(self.output))
+        """It failed, saying it ran out of memory (a process that succeeded may print those words itself)."""
+        return self.returncode not in (0, None) and bool(_OOM.search(self.output))
 
 
 @dataclass(frozen=True)

@@ -137,3 +137,12 @@ def test_spawn_gives_binary_pipes_and_sends_stderr_to_a_file(tmp_path):
     proc = Launch([sys.executable, "-c", code], {}, tmp_path, 2048).spawn(tmp_path / "err")
     out, _ = proc.communicate(b"abc", timeout=30)
     assert out == b"abc" and (tmp_path / "err").read_text() == "to the file"
+
+
+def test_out_of_memory_is_a_failure_that_says_so(tmp_path):
+    said = Launch([sys.executable, "-c", "print('INTERNAL PANIC: out of memory')"], {}, tmp_path, 2048).run(30)
+    assert not said.out_of_memory  # it exited 0: a file may print those words
+    failed = Launch([sys.executable, "-c", "import sys; sys.exit('INTERNAL PANIC: out of memory')"], {}, tmp_path,
+                    2048).run(30)
+    assert failed.out_of_memory
+    assert not Launch([sys.executable, "-c", "import sys; sys.exit('boom')"], {}, tmp_path, 2048).run(30).out_of_memory

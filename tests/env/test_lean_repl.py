@@ -35,24 +35,15 @@ def test_replies_are_matched_to_their_requests_and_probes_stay_hidden(repl):
     assert repl.alive()
 
 
-def test_a_forged_reply_before_the_real_one_ends_the_process(repl):
+@pytest.mark.parametrize("marker", [
+    "FD_FORGE",  # a clean reply printed before the real one
+    "FD_PROBE_GUESS",  # that, and an answer to the probe without its nonce
+    "FD_EXTRA",  # a frame right after the reply, where the probe's answer should be
+])
+def test_forged_or_extra_replies_end_the_process(repl, marker):
     repl.command("import Mathlib\n", None, 30)
     with pytest.raises(ReplDesync):
-        repl.command("theorem t : False := by FD_FORGE", 0, 30)
-    assert not repl.alive()
-
-
-def test_a_forged_probe_answer_does_not_pass(repl):
-    repl.command("import Mathlib\n", None, 30)
-    with pytest.raises(ReplDesync):
-        repl.command("theorem t : False := by FD_PROBE_GUESS", 0, 30)
-    assert not repl.alive()
-
-
-def test_an_extra_frame_after_the_reply_takes_the_probes_place(repl):
-    repl.command("import Mathlib\n", None, 30)
-    with pytest.raises(ReplDesync):
-        repl.command("theorem t : True := trivial -- FD_EXTRA", 0, 30)
+        repl.command(f"theorem t : False := by {marker}", 0, 30)
     assert not repl.alive()
 
 
