@@ -27,7 +27,7 @@ How, in the manner of lean4checker and SafeVerify:
 * THEOREM must be a theorem that the attempt itself declares, with the reference's type and
   universe parameters, and every constant that type rests on must be the same
   declaration in both (imported, or declared identically, e.g. a `match` auxiliary of the
-  statement). Types are compared as `Expr`s (`==` is equality up to binder names).
+  statement). Types are compared as `Expr`s (`==`: equal up to binder names and annotations).
 * Its axioms come from `CollectAxioms` on the replayed environment; the caller compares
   them with propext, Classical.choice and Quot.sound.
 
