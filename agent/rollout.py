@@ -352,13 +352,24 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+class ProverUnavailableError(RuntimeError):
+    """The prover a run asks for cannot run here; the message says why and how to fix it."""
+
+
 def resolve_prover(name: str) -> tuple[str, str]:
-    """(prover, why): `auto` picks Lean where the pinned Lake project is built, else Rocq."""
-    if name != "auto":
-        return name, "chosen in the config"
+    """(prover, why): `auto` picks Lean where the pinned Lake project is built (and jailed), else Rocq.
+
+    Asking for `lean` where it cannot run raises ProverUnavailableError with the reason.
+    """
     from env.provers.lean import unavailable_reason
 
+    if name == "rocq":
+        return name, "chosen in the config"
     reason = unavailable_reason()
+    if name == "lean":
+        if reason is not None:
+            raise ProverUnavailableError(f"prover=lean, but {reason}")
+        return name, "chosen in the config"
     if reason is None:
         return "lean", "the pinned Lean project is built"
     return "rocq", f"Lean is unavailable ({reason})"

@@ -5,7 +5,8 @@
 
 Each attempt line is `{"name": ..., "source": <full file text>}` (other keys are ignored).
 Prints one JSON line `{"name", "solved", "reason"}` per attempt, in input order, then
-`solved K of N`. Exits 0 whenever it ran, whatever the verdicts.
+`solved K of N`. Exits 0 whenever it ran, whatever the verdicts; 2 with a one-line reason when the
+prover cannot run here (e.g. no Lean toolchain).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from env.problems import Problem, ProblemFormatError, load_problems
 from env.provers import make_prover
 from env.provers.base import Prover
+from env.provers.lean import LeanUnavailableError
 from env.sandbox import EpisodeDir
 from env.verdict import Verdict, judge
 
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     prover_name = args.prover or (provers.pop() if len(provers) == 1 else None)
     if prover_name is None:
         parser.error("the problems are for several provers; choose one with --prover")
-    prover = make_prover(prover_name, timeout_s=args.timeout)
+    try:
+        prover = make_prover(prover_name, timeout_s=args.timeout)
+    except LeanUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if args.attempts is None:
         jobs = [(p.name, prover.render(p) if p.formal_proof is not None else None,

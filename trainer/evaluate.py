@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.episode import EpisodeWriter
-from agent.rollout import Rollout, RolloutConfig, load_problem_set, make_backend, make_rollout, resolve_prover
+from agent.rollout import (
+    ProverUnavailableError,
+    Rollout,
+    RolloutConfig,
+    load_problem_set,
+    make_backend,
+    make_rollout,
+    resolve_prover,
+)
 from trainer.passk import pass_at_k_table
 
 
@@ -61,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--k must be comma-separated integers, got {args.k!r}")
     if max(ks) > args.n:
         parser.error(f"every k must be <= n={args.n}")
-    prover, why = resolve_prover(args.prover)
+    try:
+        prover, why = resolve_prover(args.prover)
+    except ProverUnavailableError as e:
+        parser.exit(2, f"error: {e}\n")
     problems = load_problem_set(args.problems, prover)[: args.limit or None]
     backend, tokenizer = make_backend(args.backend, args.model, device=args.device, seed=args.seed)
     config = replace(RolloutConfig(), max_new_tokens=args.max_new_tokens, temperature=args.temperature,

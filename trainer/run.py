@@ -34,7 +34,14 @@ from typing import Any
 import torch
 
 from agent.episode import Episode, EpisodeWriter
-from agent.rollout import RolloutConfig, load_problem_set, make_rollout, resolve_prover, rollout_many
+from agent.rollout import (
+    ProverUnavailableError,
+    RolloutConfig,
+    load_problem_set,
+    make_rollout,
+    resolve_prover,
+    rollout_many,
+)
 from trainer import distributed
 from trainer.algorithms import fd_backward, grpo_backward
 from trainer.batches import TrainSequence
@@ -337,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ProverUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.train()
         distributed.print0(json.dumps(summary))

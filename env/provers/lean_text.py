@@ -1,17 +1,15 @@
 """Everything about Lean source text and REPL output that needs no toolchain (pure functions).
 
-`env.provers.lean` sends a checked file to a REPL worker in pieces: the imports once per
-worker (that is what takes seconds), the statement-check command and the problem's
-reference statement once per problem, then the body of the file, then the statement and
-axiom check. This module builds those commands, maps message
-positions of the body back to the whole file, and reads what the REPL answered.
+`env.provers.lean` sends a checked file to a REPL worker in two pieces: the imports once
+per worker (that is what takes seconds), then the body of the file. This module splits
+files that way, maps message positions of the body back to the whole file, reads what
+the REPL answered, and renders problems (the reference file of the kernel re-check is the
+problem's header and statement proved by `sorry`).
 
-The reference is the problem's statement renamed to `__fd_reference__` and proved by
-`sorry`, elaborated in the problem's header before the attempt, so nothing the attempt
-declares (a notation, a local instance, a redefinition) can change it. After the attempt
-the `#fd_check_statement` command, also defined before the attempt, compares the two
-elaborated types as `Expr`s; `#print axioms` then lists the theorem's axioms, so a proof
-that borrows the reference shows `sorryAx`.
+`blocked_constructs` refuses metaprogramming hooks before a file reaches the shared REPL
+worker. It is hygiene for that shared process (code a file runs there could disturb the
+feedback of later checks), not a security boundary: a text filter can always be
+bypassed, and the verdict never depends on it (see `env.provers.lean_trusted`).
 """
 
 from __future__ import annotations
@@ -22,34 +20,40 @@ from dataclasses import dataclass
 from typing import Any
 
 from env.problems import Problem
-from env.provers.base import Message, Severity, StatementCheck
+from env.provers.base import Message, Severity
 
-REFERENCE = "__fd_reference__"
-STATEMENT_MARK = "FD_STATEMENT"
 _IDENT_CHAR = re.compile(r"[\w'!?]")
 _MODULE = re.compile(r"import\s+((?:«[^»]*»|[^\s«])+)")
 _CHAR_LITERAL = re.compile(r"'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]+\}|.)|[^\\'\n])'")
 _SORRY = re.compile(r"(?<![\w'.])(sorry|admit)(?![\w'!?])")
 _SORRY_WARNING = re.compile(r"declaration uses ['`]sorry['`]")
-_AXIOMS = re.compile(r"'(?P<name>.+?)' (?:depends on axioms: \[(?P<axioms>[^\]]*)\]|does not depend on any axioms)")
 
 
-def _word(pattern: str) -> str:
-    """A regex matching `pattern` as a whole Lean token (not part of a longer name)."""
-    return rf"(?<![\w'.]){pattern}(?![\w'])"
+def _word(pattern: str, *, qualified: bool = False) -> str:
+    """A regex matching `pattern` as a whole Lean token; `qualified` also after a dot (`Lean.Environment.x`)."""
+    before = r"(?<![\w'])" if qualified else r"(?<![\w'.])"
+    return rf"{before}{pattern}(?![\w'])"
 
 
-# Constructs refused before the file reaches Lean: each can make the kernel accept, or the
-# checker report, something that `#print axioms` and the statement check would not reveal.
-BLOCKED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(_word(p)), why) for p, why in (
-    (r"debug\.skipKernelTC", "it turns off the kernel's type checking, so nothing in the file is verified"),
-    (r"(?:addDeclWithoutChecking|addDeclCore)", "it adds declarations to the environment without kernel checking"),
-    (r"(?:implemented_by|extern)", "it replaces the code the compiler runs, which `decide`-by-evaluation trusts"),
-    (r"unsafe", "unsafe definitions escape the kernel's checks"),
-    (r"(?:#eval|run_cmd|run_elab|run_meta|run_tac|by_elab)",
-     "it runs a metaprogram during the check, which can change the environment the checker inspects"),
-    (r"(?:syntax|macro_rules|macro|elab_rules|elab|declare_syntax_cat|command_elab)",
-     "it extends Lean's syntax or elaborators, which could redefine the commands the checker runs after the file"),
+# Attributes that register code Lean runs while it elaborates (tactics, elaborators,
+# delaborators, simp procedures, extensions of norm_num and positivity, ...).
+_META_ATTRIBUTES = (r"(?:tactic|term_elab|command_elab|delab|app_unexpander|simproc|norm_num|positivity"
+                    r"|builtin_\w+|env_linter|code_action_provider|init)")
+
+# Constructs refused before the file reaches the shared REPL worker: each runs code of the
+# file inside that process or escapes the kernel (the kernel re-check rejects the latter anyway).
+BLOCKED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), why) for p, why in (
+    (_word(r"debug\.skipKernelTC", qualified=True),
+     "it turns off the kernel's type checking, so nothing in the file is verified"),
+    (_word(r"(?:addDeclWithoutChecking|addDeclCore)", qualified=True),
+     "it adds declarations to the environment without kernel checking"),
+    (_word(r"(?:implemented_by|extern)"), "it replaces the code the compiler runs, which evaluation trusts"),
+    (_word(r"unsafe"), "unsafe definitions escape the kernel's checks"),
+    (_word(r"(?:#eval|run_cmd|run_elab|run_meta|run_tac|by_elab)"), "it runs a metaprogram during the check"),
+    (_word(r"(?:syntax|macro_rules|macro|elab_rules|elab|declare_syntax_cat|command_elab|d?simproc(?:_decl)?)"),
+     "it extends Lean's syntax, elaborators or simplifier with code of the file"),
+    (rf"(?:@|\battribute\s*)\[[^\]]*?{_word(_META_ATTRIBUTES)}",
+     "the attribute registers code of the file that Lean runs while it elaborates"),
 ))
 
 
@@ -181,103 +185,9 @@ def render(problem: Problem, proof: str | None = None) -> str:
     return problem.header + problem.formal_statement + format_proof(proof)
 
 
-def reference_name(name: str) -> str:
-    """The reserved name of the reference, in the namespace of `name` (the statement resolves names there)."""
-    prefix, _, _ = name.rpartition(".")
-    return f"{prefix}.{REFERENCE}" if prefix else REFERENCE
-
-
-def quote_name(name: str) -> str:
-    """`name` as an identifier that no notation can turn into a keyword: «A».«b»."""
-    return ".".join(f"«{part}»" for part in name.split("."))
-
-
-def reference_command(problem: Problem) -> str:
-    """Elaborates the problem's statement as the reference, on top of `CHECKER_COMMAND`.
-
-    The statement sits in a `section` with the rest of the problem's header, so its `open`s
-    and options apply to it and are gone again for the attempt, which brings its own header.
-    """
-    header_rest = split_imports(problem.header).body
-    statement, found = re.subn(rf"\b(theorem|lemma)\s+{re.escape(problem.name)}(?![\w'.])",
-                               f"theorem {quote_name(reference_name(problem.name))}", problem.formal_statement,
-                               count=1)
-    if not found:
-        raise ValueError(f"the formal statement of {problem.name} does not declare `theorem {problem.name}`")
-    return f"section\n{header_rest.strip()}\n\n{statement}\n  sorry\n\nend\n"
-
-
-# Defines `#fd_check_statement` before any attempt runs, so the attempt cannot redefine what it uses.
-CHECKER_COMMAND = f"""\
-open Lean in
-/-- The kind of a declaration, for the statement check's report. -/
-def «__fd_kind__» : ConstantInfo → String
-  | .thmInfo _ => "theorem"
-  | .axiomInfo _ => "axiom"
-  | .defnInfo _ => "def"
-  | .opaqueInfo _ => "opaque"
-  | _ => "other"
-
-open Lean Elab Command in
-/-- Reports whether `user` has exactly the elaborated type (and universe names) of `ref`. -/
-elab "#fd_check_statement " user:ident ref:ident : command => do
-  let env ← getEnv
-  match env.find? user.getId, env.find? ref.getId with
-  | some u, some r =>
-    let same := if u.levelParams == r.levelParams && u.type == r.type then "yes" else "no"
-    logInfo m!"{STATEMENT_MARK} found kind={{«__fd_kind__» u}} same={{same}}\\nexpected: {{r.type}}\\nfound: {{u.type}}"
-  | none, _ => logInfo m!"{STATEMENT_MARK} missing"
-  | _, none => logInfo m!"{STATEMENT_MARK} noref"
-"""
-
-
-def check_command(name: str) -> str:
-    """Run after the attempt: the statement comparison, then the theorem's axioms."""
-    quoted = quote_name(name)
-    return (f"#fd_check_statement {quoted} {quote_name(reference_name(name))}\n"
-            f"#print axioms _root_.{quoted}\n")
-
-
-def parse_statement(texts: Iterable[str], name: str, reference_errors: str = "") -> StatementCheck | None:
-    """The statement check from the messages of `check_command`, or None when its marker is absent."""
-    for text in texts:
-        if not text.startswith(STATEMENT_MARK):
-            continue
-        first, _, rest = text.partition("\n")
-        words = dict(w.split("=", 1) for w in first.split()[2:] if "=" in w)
-        if first.split()[1:2] == ["missing"]:
-            return StatementCheck(False, False, f"no declaration named {name} in the file")
-        if first.split()[1:2] == ["noref"]:
-            detail = "the problem's statement did not elaborate with this file's imports"
-            return StatementCheck(True, False, detail + (f": {reference_errors}" if reference_errors else ""))
-        kind, same = words.get("kind", "?"), words.get("same") == "yes"
-        if kind != "theorem":
-            return StatementCheck(True, False, f"{name} is declared as {kind}, not as a theorem")
-        if not same:
-            return StatementCheck(True, False, f"the statement of {name} differs from the problem's:\n{rest}")
-        return StatementCheck(True, True, "the elaborated statement equals the problem's")
-    return None
-
-
-def parse_axioms(texts: Iterable[str], name: str) -> tuple[str, ...] | None:
-    """The axioms `#print axioms` reported for `name`, or None when it reported nothing for it.
-
-    Accepts "'x' depends on axioms: [propext, Classical.choice, Quot.sound]" (the list may
-    wrap over lines) and "'x' does not depend on any axioms".
-    """
-    for text in texts:
-        for m in _AXIOMS.finditer(text):
-            if _unquote(m.group("name")) != name:
-                continue
-            listed = m.group("axioms")
-            if listed is None:
-                return ()
-            return tuple(_unquote(a.strip()) for a in listed.split(",") if a.strip())
-    return None
-
-
-def _unquote(name: str) -> str:
-    return name.replace("«", "").replace("»", "")
+def declares(statement: str, name: str) -> bool:
+    """Whether a formal statement declares `theorem name` (or `lemma name`), outside comments."""
+    return re.search(rf"\b(?:theorem|lemma)\s+{re.escape(name)}(?![\w'.])", mask_comments(statement)) is not None
 
 
 def text_uses_sorry(source: str) -> bool:

@@ -1,9 +1,11 @@
-"""The Lean backend against a real toolchain: reference proofs verify, cheats fail, warm checks, timeouts.
+"""The Lean backend against a real toolchain: reference proofs verify, warm checks, timeouts, errors, search.
 
-These run only where `LeanProver.available()`: `lake` on PATH and the project built
-(install elan, then `lake exe cache get && lake build` in the repository root).
+The attacks on the verdict are in test_lean_exploits.py. These run only where
+`LeanProver.available()`: `lake` on PATH, the project built (install elan, then
+`lake exe cache get && lake build` in the repository root) and bubblewrap working.
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -19,38 +21,10 @@ HOW = ("needs a Lean toolchain and the built project: install elan, then run "
 pytestmark = [pytest.mark.lean, pytest.mark.skipif(not LeanProver.available(), reason=HOW)]
 PROBLEMS = {p.name: p for p in load_problems(DATA / "lean_problems.jsonl")}
 LINEAR = PROBLEMS["fd_lean_linear_eq_1"]  # (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5
-SQUARES = PROBLEMS["fd_lean_two_sq_ineq"]  # (a b : ℝ) : 2 * a * b ≤ a ^ 2 + b ^ 2
-POWER = PROBLEMS["fd_lean_pow_mod_seven"]  # 2 ^ 10 % 7 = 2
 
 
-def file_with(problem: Problem, before: str = "", statement: str | None = None, proof: str = "") -> str:
-    """The problem's file with `before` inserted after the header and the given statement/proof."""
-    return problem.header + before + (statement or problem.formal_statement) + proof
-
-
-# name -> (problem, source, verdict reasons that count as caught)
-CHEATS = {
-    "sorry": (LINEAR, file_with(LINEAR, proof="\n  sorry"), {"uses_sorry"}),
-    "native_decide": (POWER, file_with(POWER, proof="\n  native_decide"), {"nonstandard_axioms"}),
-    "added_axiom": (LINEAR, file_with(LINEAR, "axiom magic : ∀ P : Prop, P\n\n", proof="\n  exact magic _"),
-                    {"nonstandard_axioms"}),
-    "weaker_statement": (LINEAR, file_with(LINEAR, statement=LINEAR.formal_statement.replace("x = 5", "x ≤ 5"),
-                                           proof="\n  linarith"), {"statement_changed"}),
-    # ℝ read as ℕ: the statement becomes a different (still provable) one; an ambiguity error also stops it
-    "notation": (LINEAR, file_with(LINEAR, 'local notation (priority := high) "ℝ" => ℕ\n\n', proof="\n  omega"),
-                 {"statement_changed", "does_not_compile"}),
-    "local_instance": (SQUARES, file_with(SQUARES, "local instance (priority := high) fakeLE : LE ℝ := "
-                                          "⟨fun _ _ => True⟩\n\n", proof="\n  exact True.intro"),
-                       {"statement_changed"}),
-    "other_name": (LINEAR, file_with(LINEAR, statement=LINEAR.formal_statement.replace("fd_lean_linear_eq_1", "other"),
-                                     proof="\n  linarith"), {"theorem_not_found"}),
-    "borrows_the_reference": (LINEAR, file_with(LINEAR, proof="\n  exact __fd_reference__ x h₀"),
-                              {"uses_sorry", "does_not_compile"}),
-    "skips_the_kernel": (LINEAR, file_with(LINEAR, "set_option debug.skipKernelTC true\n\n", proof="\n  linarith"),
-                         {"does_not_compile"}),
-    "wrong_proof": (LINEAR, file_with(LINEAR, proof="\n  nlinarith [sq_nonneg x]\n  exact rfl"),
-                    {"does_not_compile"}),
-}
+def file_with(problem: Problem, proof: str = "") -> str:
+    return problem.header + problem.formal_statement + proof
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +48,9 @@ def test_reference_proofs_verify(lean, name):
     assert not result.uses_sorry
     assert result.statement is not None and result.statement.matches, result.statement
     assert result.axioms is not None and set(result.axioms) <= lean.standard_axioms
+    assert result.trusted and result.unsafe == () and 0 < result.trusted_s < result.elapsed_s
     assert verdict.solved, verdict
     assert result.sandboxed == jail_available()
-
-
-@pytest.mark.parametrize("cheat", sorted(CHEATS))
-def test_cheats_are_caught(lean, cheat):
-    problem, source, reasons = CHEATS[cheat]
-    result, verdict = check(lean, source, problem)
-    assert not verdict.solved
-    assert verdict.reason in reasons, (verdict, result.messages, result.statement, result.axioms)
 
 
 def test_errors_point_at_the_line_in_the_file(lean):
@@ -99,15 +66,19 @@ def test_search_finds_mathlib_lemmas(lean):
     assert hits and all(h.path.startswith("Mathlib/") and h.path.endswith(".lean") for h in hits)
 
 
-def test_a_warm_check_is_faster_than_the_cold_first_one():
+def test_warm_feedback_is_faster_than_the_cold_first_one():
     prover = LeanProver(timeout_s=120, workers=1)
     try:
-        cold, _ = check(prover, prover.render(LINEAR), LINEAR)
-        warm, verdict = check(prover, prover.render(LINEAR, "nlinarith [h₀]"), LINEAR)
+        start = time.monotonic()
+        cold = prover.feedback(prover.render(LINEAR), LINEAR, 120)  # the worker imports Mathlib first
+        middle = time.monotonic()
+        warm = prover.feedback(prover.render(LINEAR, "nlinarith [h₀]"), LINEAR, 120)
+        end = time.monotonic()
+        _, verdict = check(prover, prover.render(LINEAR, "nlinarith [h₀]"), LINEAR)
     finally:
         prover.close()
-    assert verdict.solved, verdict
-    assert warm.elapsed_s < cold.elapsed_s / 2, (warm.elapsed_s, cold.elapsed_s)
+    assert cold.status == warm.status == "ok" and verdict.solved, verdict
+    assert end - middle < (middle - start) / 2, (end - middle, middle - start)
 
 
 def test_a_non_terminating_tactic_times_out_and_the_prover_recovers(lean):

@@ -8,13 +8,10 @@ import pytest
 
 from env.problems import Problem
 from env.provers import lean_text as lt
-from env.provers.base import Message, StatementCheck
+from env.provers.base import Message
+from tests.env.conftest import LEAN_HEADER, LEAN_PROBLEM
 
-HEADER = ("import Mathlib\nimport Aesop\n\nset_option maxHeartbeats 400000\n\n"
-          "open BigOperators Real Nat Topology Rat\n\n")
-PROBLEM = Problem(name="fd_lean_linear_eq_1", prover="lean", header=HEADER,
-                  formal_statement="theorem fd_lean_linear_eq_1 (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by",
-                  formal_proof="\n  linarith")
+HEADER, PROBLEM = LEAN_HEADER, LEAN_PROBLEM
 
 
 # --- comments -----------------------------------------------------------------------------------------------------
@@ -89,76 +86,16 @@ def test_render_indents_a_model_proof_like_formal_proof():
     assert lt.format_proof("constructor\n· simp\n· ring") == "\n  constructor\n  · simp\n  · ring"
 
 
-# --- statement check commands --------------------------------------------------------------------------------------
+# --- the reference's statement ------------------------------------------------------------------------------------
 
-def test_reference_command_renames_the_statement_inside_a_section_with_the_header():
-    command = lt.reference_command(PROBLEM)
-    assert "import" not in command  # it runs on the imports' environment
-    assert command.startswith("section\nset_option maxHeartbeats 400000\n\nopen BigOperators Real Nat Topology Rat\n")
-    assert "theorem «__fd_reference__» (x : ℝ) (h₀ : 3 * x + 7 = 22) : x = 5 := by\n  sorry\n\nend\n" in command
-    assert command.endswith("\nend\n") and "fd_lean_linear_eq_1" not in command
-
-
-def test_checker_command_compares_elaborated_types_and_universe_names():
-    command = lt.CHECKER_COMMAND
-    assert 'elab "#fd_check_statement " user:ident ref:ident : command' in command
-    assert "u.type == r.type" in command and "u.levelParams == r.levelParams" in command
-    assert "FD_STATEMENT found kind={«__fd_kind__» u} same={same}\\nexpected: {r.type}\\nfound: {u.type}" in command
-
-
-def test_reference_command_handles_lemma_and_dotted_names_and_rejects_a_missing_name():
-    lemma = Problem("Foo.bar", "lean", "import Mathlib\n", "lemma Foo.bar : (1 : ℕ) + 1 = 2 := by")
-    assert "theorem «Foo».«__fd_reference__» : (1 : ℕ) + 1 = 2 := by\n  sorry" in lt.reference_command(lemma)
-    prime = Problem("t'", "lean", "import Mathlib\n", "theorem t' : True := by")
-    assert "theorem «__fd_reference__» : True" in lt.reference_command(prime)
-    wrong = Problem("t", "lean", "import Mathlib\n", "theorem t2 : True := by")
-    with pytest.raises(ValueError, match="does not declare"):
-        lt.reference_command(wrong)
-
-
-def test_check_command_quotes_names_and_pins_them_to_the_root_namespace():
-    assert lt.check_command("fd_lean_linear_eq_1") == (
-        "#fd_check_statement «fd_lean_linear_eq_1» «__fd_reference__»\n"
-        "#print axioms _root_.«fd_lean_linear_eq_1»\n")
-    assert lt.check_command("Foo.bar").startswith("#fd_check_statement «Foo».«bar» «Foo».«__fd_reference__»\n")
-
-
-# --- parsing what the REPL said after the check command ------------------------------------------------------------
-
-MATCH = ("FD_STATEMENT found kind=theorem same=yes\n"
-         "expected: ∀ (x : ℝ), 3 * x + 7 = 22 → x = 5\nfound: ∀ (x : ℝ), 3 * x + 7 = 22 → x = 5")
-AXIOMS = "'fd_lean_linear_eq_1' depends on axioms: [propext, Classical.choice, Quot.sound]"
-
-
-def test_parse_statement_outcomes():
-    name = PROBLEM.name
-    assert lt.parse_statement([MATCH, AXIOMS], name) == StatementCheck(
-        True, True, "the elaborated statement equals the problem's")
-    weaker = "FD_STATEMENT found kind=theorem same=no\nexpected: 3 * x + 7 = 22 → x = 5\nfound: 3 * x + 7 = 22 → x ≤ 5"
-    check = lt.parse_statement([weaker], name)
-    assert (check.found, check.matches) == (True, False) and "found: 3 * x + 7 = 22 → x ≤ 5" in check.detail
-    as_axiom = lt.parse_statement(["FD_STATEMENT found kind=axiom same=yes\nexpected: P\nfound: P"], name)
-    assert not as_axiom.matches and "axiom, not as a theorem" in as_axiom.detail
-    missing = lt.parse_statement(["FD_STATEMENT missing", "unknown constant 'fd_lean_linear_eq_1'"], name)
-    assert missing == StatementCheck(False, False, "no declaration named fd_lean_linear_eq_1 in the file")
-    noref = lt.parse_statement(["FD_STATEMENT noref"], name, "unknown identifier 'Real.sqrt'")
-    assert (noref.found, noref.matches) == (True, False) and "unknown identifier 'Real.sqrt'" in noref.detail
-    assert lt.parse_statement(["unknown command '#fd_check_statement'"], name) is None
-
-
-def test_parse_axioms_forms():
-    name = PROBLEM.name
-    assert lt.parse_axioms([MATCH, AXIOMS], name) == ("propext", "Classical.choice", "Quot.sound")
-    assert lt.parse_axioms([f"'{name}' does not depend on any axioms"], name) == ()
-    assert lt.parse_axioms([f"'{name}' depends on axioms: [sorryAx]"], name) == ("sorryAx",)
-    wrapped = (f"'{name}' depends on axioms: [propext,\n  sorryAx,\n  Classical.choice,\n  Lean.ofReduceBool,\n"
-               "  Quot.sound]")
-    assert lt.parse_axioms([wrapped], name) == ("propext", "sorryAx", "Classical.choice", "Lean.ofReduceBool",
-                                                "Quot.sound")
-    assert lt.parse_axioms(["'Foo.fd_lean_linear_eq_1' does not depend on any axioms"], name) is None
-    assert lt.parse_axioms(["'t'' depends on axioms: [propext]"], "t'") == ("propext",)
-    assert lt.parse_axioms(["'«t»' depends on axioms: [«magic»]"], "t") == ("magic",)
-    assert lt.parse_axioms(["unknown constant 'fd_lean_linear_eq_1'"], name) is None
+def test_declares_finds_the_theorem_name_outside_comments():
+    assert lt.declares(PROBLEM.formal_statement, "fd_lean_linear_eq_1")
+    assert lt.declares("lemma Foo.bar : (1 : ℕ) + 1 = 2 := by", "Foo.bar")
+    assert lt.declares("theorem t' : True := by", "t'")
+    assert not lt.declares("theorem t' : True := by", "t")
+    assert not lt.declares("theorem t2 : True := by", "t")
+    assert not lt.declares("theorem t.sub : True := by", "t")
+    assert not lt.declares("-- theorem t : True\ndef t : Prop := True", "t")
 
 
 # --- sorry ----------------------------------------------------------------------------------------------------------
@@ -203,7 +140,15 @@ def test_uses_sorry_from_repl_sorries_and_warnings():
     ('macro "trivial" : tactic => `(tactic| sorry)', "macro"),
     ("elab (priority := high) \"#print\" \"axioms\" : command => pure ()", "elab"),
     ("syntax \"#print\" : command", "syntax"),
-    ("attribute [command_elab Lean.Parser.Command.print] fake", "command_elab"),
+    ("attribute [command_elab Lean.Parser.Command.print] fake", "attribute [command_elab"),
+    ("run_cmd Lean.modifyEnv (Lean.Environment.addDeclCore · 0 d none false |>.toOption.get!)", "run_cmd"),
+    ("#check (Lean.Environment.addDeclCore)", "addDeclCore"),  # a qualified name is still the name
+    ("@[tactic Lean.Parser.Tactic.decide] def fdDecide : Lean.Elab.Tactic.Tactic := fun _ => pure ()", "@[tactic"),
+    ("@[simp, delab app.Nat.succ] def fdDelab : Lean.PrettyPrinter.Delaborator.Delab := failure",
+     "@[simp, delab"),
+    ("attribute [norm_num Nat.add _ _] myExt", "attribute [norm_num"),
+    ("@[positivity Real.sqrt _] def fdPos : Mathlib.Meta.Positivity.PositivityExt := sorry", "@[positivity"),
+    ("simproc fdProc (Nat.succ _) := fun _ => pure .continue", "simproc"),
 ])
 def test_blocked_constructs_are_found_with_their_position(line, construct):
     source = HEADER + line + "\n" + PROBLEM.formal_statement + "\n  linarith"
@@ -251,16 +196,13 @@ def test_message_from_repl_severities_and_missing_positions():
     assert lt.message_from_repl({"severity": "error", "data": "oops"}) == Message("error", "oops", 0, 0)
 
 
+def test_ordinary_attributes_are_not_blocked():
+    source = (HEADER + "@[simp] lemma tactic_free (n : ℕ) : n + 0 = n := rfl\n" + PROBLEM.formal_statement
+              + "\n  positivity")
+    assert lt.blocked_constructs(source) == []
+
+
 def test_importing_the_prover_module_needs_no_lean_interact():
     code = ("import sys, env.provers.lean as lean; assert 'lean_interact' not in sys.modules; "
             "assert lean.LeanProver.standard_axioms == {'propext', 'Classical.choice', 'Quot.sound'}")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
-
-
-def test_constructing_the_prover_without_a_toolchain_says_how_to_enable_it(tmp_path):
-    from env.provers.lean import LeanProver, LeanUnavailableError, unavailable_reason
-
-    assert not LeanProver.available(tmp_path)
-    assert "lake exe cache get && lake build" in unavailable_reason(tmp_path)
-    with pytest.raises(LeanUnavailableError, match="lake exe cache get && lake build"):
-        LeanProver(tmp_path)
