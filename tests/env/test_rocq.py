@@ -167,6 +167,14 @@ def test_search_finds_stdlib_lemmas(rocq):
     assert any(h.path.endswith("Raxioms.v") and "Rplus_comm" in h.text for h in hits)
 
 
+def test_search_of_everything_is_cut_short(rocq):
+    from env.sandbox import SandboxError
+
+    assert len(rocq.search(".", max_hits=30)) == 30  # ripgrep is stopped once enough output has come
+    with pytest.raises(SandboxError, match="invalid pattern"):
+        rocq.search("(")
+
+
 def test_workers_outlive_the_threads_that_asked_for_them():
     """bubblewrap kills a jail when the thread that started it ends; checks often run in short-lived threads."""
     prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
