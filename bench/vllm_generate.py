@@ -37,7 +37,7 @@ def qwen3_1_7b_shape(path: Path) -> None:
 
     config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                         rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16")
+                         rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
@@ -101,7 +101,7 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    weights = load_file(folder / "model.safetensors", device="cuda")
+    weights = {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file, "cuda").items()}
     _, update_s = timed(lambda: backend.update_weights(weights, version=1))
     _, sleep_s = timed(backend.sleep)
     _, wake_s = timed(lambda: backend.update_weights(weights, version=2))
