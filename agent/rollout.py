@@ -300,9 +300,11 @@ def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str | Non
         from agent.backends.vllm import VLLMBackend
         from agent.models import model_path
 
+        # Rollouts stop on token ids, never on strings, so the engine needs no tokenizer (the named
+        # models' directories hold none).
         return VLLMBackend(model_path(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype or "auto",
                            seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_sleep_mode=enable_sleep_mode), tokenizer
+                           enable_sleep_mode=enable_sleep_mode, skip_tokenizer_init=True), tokenizer
     raise ValueError(f"unknown backend {name!r}: use 'transformers' or 'vllm'")
 
 

@@ -135,9 +135,11 @@ class Trainer:
             from agent.models import model_path
 
             # Under torchrun every rank starts its own engine, on its own GPU, for its share of the episodes.
+            # Rollouts stop on token ids only, so the engine needs no tokenizer.
             return VLLMBackend(model_path(self.cfg.model), dtype=dtype, seed=self.cfg.seed,
                                gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
-                               enable_sleep_mode=self.cfg.vllm_sleep, enforce_eager=self.cfg.vllm_enforce_eager)
+                               enable_sleep_mode=self.cfg.vllm_sleep, enforce_eager=self.cfg.vllm_enforce_eager,
+                               skip_tokenizer_init=True)
         from agent.backends.hf import TransformersBackend
 
         model = copy.deepcopy(self.policy).eval().requires_grad_(False)

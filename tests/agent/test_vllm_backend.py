@@ -717,10 +717,10 @@ def test_smollm2_logprobs_match_the_transformers_model():
     from agent.models import load_model, load_tokenizer, model_path
 
     tokenizer = load_tokenizer("smollm2")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 + 2 = 4 in Rocq."}],
-                                           add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
-    backend = VLLMBackend(model_path("smollm2"), **{**ENGINE, "skip_tokenizer_init": False, "max_model_len": 512})
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 + 2 = 4 in Rocq."}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    backend = VLLMBackend(model_path("smollm2"), **{**ENGINE, "max_model_len": 512})
     try:
         gen = asyncio.run(backend.generate(prompt, SamplingParams(temperature=0.8, max_new_tokens=48, seed=3)))
     finally:
