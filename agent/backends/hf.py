@@ -37,6 +37,7 @@ class TransformersBackend:
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.policy_version = 0
+        self.generated_tokens = 0  # sampled tokens so far, over all requests (read by progress bars)
         self._pending: list[_Request] = []
         self._cv = threading.Condition()  # guards the queue; held only briefly, also by the event loop
         self._weights = threading.Lock()  # held while a batch runs
@@ -61,12 +62,12 @@ class TransformersBackend:
             self._cv.notify()
         return await request.future
 
-    def update_weights(self, state_dict: Mapping[str, Any]) -> None:
+    def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
         with self._weights:  # between batches, never during one
             missing, unexpected = self.model.load_state_dict(dict(state_dict), strict=False)
             if unexpected:
                 raise ValueError(f"unknown weights: {sorted(unexpected)[:5]}")
-            self.policy_version += 1
+            self.policy_version = version
 
     def close(self) -> None:
         with self._cv:
@@ -120,6 +121,7 @@ class TransformersBackend:
                 if finish[i] is not None:
                     continue
                 token, logprob = _sample(logits[i], r.params, gens[i])
+                self.generated_tokens += 1
                 out_ids[i].append(token)
                 out_lp[i].append(logprob)
                 next_ids[i] = token
