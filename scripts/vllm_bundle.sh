@@ -17,8 +17,9 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # Pinned where vLLM 0.24.0 pins (its METADATA), except llguidance (1.7 is not published; 1.6.1 imports, and
-# structured output is not used here) and xgrammar (0.2.3: the newest that works with the pinned tvm-ffi).
-deps=(msgspec pybase64 cachetools cbor2 llguidance==1.6.1 "openai>=2.0" openai-harmony pyzmq xgrammar==0.2.3
+# structured output is not used here), xgrammar (0.2.3: the newest that works with the pinned tvm-ffi) and openai
+# (2.8.0: 3.x needs httpx2, which is not there).
+deps=(msgspec pybase64 cachetools cbor2 llguidance==1.6.1 openai==2.8.0 openai-harmony pyzmq xgrammar==0.2.3
       apache-tvm-ffi==0.1.9 "fastapi>=0.133,<0.137" "starlette>=1.0.1" partial-json-parser pydantic==2.14.4
       pydantic-core==2.50.5 annotated-types typing-inspection distro jiter sniffio setproctitle blake3 gguf
       diskcache==5.6.3 lark==1.2.2 python-json-logger ijson compressed-tensors==0.17.0 depyf==0.20.0 astor dill
