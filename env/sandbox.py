@@ -154,7 +154,7 @@ def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env:
     `as_pid_1` runs the command itself as the namespace's first process (no reaper), so that
     it is bubblewrap's own child, whose memory the caller can watch (`PeakMemory`).
     """
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
            "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     if as_pid_1:
         cmd.append("--as-pid-1")

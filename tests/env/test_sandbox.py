@@ -83,6 +83,15 @@ def test_jail_sees_only_its_workdir(box, tmp_path, monkeypatch):
 
 
 @needs_jail
+def test_bubblewrap_is_run_by_its_full_path(box):
+    """The jail's scrubbed PATH is /usr/bin:/bin; bubblewrap may live elsewhere (a prefix, /usr/local)."""
+    from env.sandbox import jail_argv
+
+    cmd = jail_argv(["true"], box.root, [], {"PATH": "/usr/bin:/bin"})
+    assert os.path.isabs(cmd[0]) and os.path.basename(cmd[0]) == "bwrap"
+
+
+@needs_jail
 def test_jail_has_no_network(box):
     """Only a loopback interface exists inside the jail (checked without sending any traffic)."""
     script = "import socket; print(sorted(name for _, name in socket.if_nameindex()))"
