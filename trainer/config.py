@@ -44,6 +44,9 @@ class TrainConfig:
     feedback_model: str = _f("claude-opus-4-6", "Claude model for `claude` feedback")
     feedback_prompt: int = _f(4, "feedback prompt (1)-(4) of the paper's appendix C.3")
     feedback_text: str = _f("Be concise", "the text of `constant` feedback")
+    feedback_failures: Literal["fail", "skip"] = _f(
+        "fail", "on a feedback error (e.g. the API failing after its retries): stop the run with the error (fail), "
+        "or train on the other episodes and count it in train/feedback_failures (skip)")
     # schedule and batch
     steps: int = _f(3, "optimizer steps (one rollout batch each)")
     prompts_per_step: int = _f(4, "problems per step (paper: 128)")

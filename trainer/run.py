@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from agent.episode import Episode, EpisodeWriter
+from agent.feedback.base import FeedbackError
 from agent.rollout import (
     ProverUnavailableError,
     RolloutConfig,
@@ -158,8 +159,9 @@ class Trainer:
         from agent.feedback import make_feedback
 
         cfg = self.cfg
-        if cfg.feedback == "claude":
-            return make_feedback("claude", model=cfg.feedback_model, prompt=cfg.feedback_prompt)
+        if cfg.feedback == "claude":  # cached under the run, so a resumed step asks nothing twice
+            return make_feedback("claude", model=cfg.feedback_model, prompt=cfg.feedback_prompt,
+                                 cache_dir=self.out / "feedback_cache")
         if cfg.feedback == "self":  # a frozen copy of the initial policy, never updated
             from agent.backends.hf import TransformersBackend
 
@@ -269,12 +271,18 @@ class Trainer:
         cfg = self.cfg
         common = dict(token_budget=cfg.micro_batch_tokens, chunk=cfg.logit_chunk, pad_id=self.pad_id)
         if cfg.algorithm == "fd":
+            failed = [e for e in episodes if e.feedback is None and (e.error or "").startswith("feedback failed")]
+            if failed and cfg.feedback_failures == "fail":
+                raise FeedbackError(f"step {self.step + 1}: feedback failed for {len(failed)} of {len(episodes)} "
+                                    f"episodes ({failed[0].error}); set feedback_failures=skip to train on the "
+                                    "others")
             usable = [e for e in episodes if e.feedback is not None and e.num_generated > 0]
             sequences = [TrainSequence.from_episode(e, with_teacher=True) for e in usable]
             assert self.teacher is not None
             stats = fd_backward(self.policy, self.teacher.model, sequences, top_k=cfg.top_k,
                                 renormalize=cfg.renormalize_top_k, **common)
             stats["episodes_used"] = float(len(usable))
+            stats["feedback_failures"] = float(len(failed))
             return stats
         groups: dict[str, list[Episode]] = {}
         for e in episodes:
@@ -295,6 +303,8 @@ class Trainer:
     def _loss_metrics(self, stats: dict[str, float]) -> dict[str, float]:
         tokens = stats.get("tokens", 0.0)
         out = {"train/loss_tokens": tokens, "train/episodes_used": stats.get("episodes_used", 0.0)}
+        if "feedback_failures" in stats:
+            out["train/feedback_failures"] = stats["feedback_failures"]
         if tokens:
             out["train/loss"] = stats["loss_sum"] / tokens
             out["train/entropy"] = stats["entropy_sum"] / tokens
@@ -360,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = trainer.train()
         distributed.print0(json.dumps(summary))
+    except FeedbackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     return 0

@@ -117,3 +117,43 @@ def test_embedded_default_completes(tmp_path):
     assert len(list(read_episodes(tmp_path / "episodes.jsonl"))) == 12
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
     print(f"embedded default: {time.monotonic() - start:.0f} s")
+
+
+def _claude_run(out_dir, server, *overrides):
+    """A one-step FD run whose Claude feedback goes to a local stand-in for the Messages API."""
+    env = {**os.environ, "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "test-key"}
+    return subprocess.run([sys.executable, "-m", "trainer.run", *TINY, f"out_dir={out_dir}", "algorithm=fd",
+                           "feedback=claude", "steps=1", "checkpoint_every=0", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+BAD_REQUEST = (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}})
+
+
+def test_a_feedback_failure_stops_the_run_with_its_reason_or_is_skipped_and_counted(tmp_path):
+    """The feedback source promises one clear error; the trainer must not drop such episodes silently.
+    (The Anthropic API cannot be reached here: a local server speaking its Messages API stands in.)"""
+    from tests.agent.test_feedback import MessagesServer
+
+    with MessagesServer([BAD_REQUEST]) as server:
+        failed = _claude_run(tmp_path / "fail", server)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 1: feedback failed for 1 of 2 episodes") and "prompt is too long" in last
+    with MessagesServer([BAD_REQUEST]) as server:
+        skipped = _claude_run(tmp_path / "skip", server, "feedback_failures=skip")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    (row,) = metrics(tmp_path / "skip")
+    assert row["train/feedback_failures"] == 1.0 and row["train/episodes_used"] == 1.0
+
+
+def test_claude_feedback_is_cached_under_the_run_so_a_rerun_step_asks_nothing(tmp_path):
+    from tests.agent.test_feedback import MessagesServer
+
+    with MessagesServer() as server:
+        first = _claude_run(tmp_path / "run", server)
+        asked = len(server.requests)
+        again = _claude_run(tmp_path / "run", server, "resume=true")  # no checkpoint: step 1 runs again
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr[-1500:], again.stderr[-1500:])
+    assert asked == 2 and len(server.requests) == asked
+    assert any((tmp_path / "run" / "feedback_cache").iterdir())
