@@ -61,6 +61,42 @@ def test_scripted_solve(qwen_tokenizer, rocq):
     assert_consistent(episode, qwen_tokenizer)
 
 
+def test_the_backend_gets_the_configured_sampling_stop_ids_and_per_episode_seeds(qwen_tokenizer, rocq):
+    turns = [call("rg_in_stdlib", pattern="Rplus_comm"), "Done."]
+
+    def sampled(seed):
+        rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1], temperature=0.7,
+                               top_p=0.9, seed=seed)
+        for index in range(2):
+            episode = asyncio.run(rollout.run(PROBLEM, index=index))
+            assert episode.finish_reason == "no_tool_call"
+        return rollout.backend.params
+
+    params = sampled(seed=3)
+    assert len(params) == 4 and {(p.temperature, p.top_p) for p in params} == {(0.7, 0.9)}
+    assert all(p.stop_token_ids == (qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),) for p in params)
+    seeds = [p.seed for p in params]
+    assert len(set(seeds)) == 4  # each episode and turn samples with its own seed ...
+    assert [p.seed for p in sampled(seed=3)] == seeds  # ... the same again for the same rollout seed
+    assert not set(seeds) & {p.seed for p in sampled(seed=4)}
+
+
+def test_a_crashed_episode_leaves_no_sandbox_behind(qwen_tokenizer, rocq, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # episode sandboxes are made here
+
+    def script(prompt, turn):
+        if turn == 1:
+            return call("rocq_write_file", path="Main.v", content=rocq.render(PROBLEM))
+        raise RuntimeError("the model server went away")
+
+    rollout = make_rollout(qwen_tokenizer, rocq, script)
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "error" and "the model server went away" in episode.error
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("episode-")]
+
+
 def test_malformed_and_unknown_calls_get_errors_then_the_model_stops(qwen_tokenizer, rocq):
     turns = ["<tool_call>{oops}</tool_call>", call("lean_check_file", path="x"), "I give up."]
     rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1])
