@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO, SHARED_DATA
 from tests.trainer.test_run import TINY, metrics, run_trainer
@@ -49,3 +50,21 @@ def test_grpo_over_fd_starts_from_the_fd_checkpoint(tmp_path):
                              "--n", 1, "--limit", 1, "--max-new-tokens", 8)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "pass@1" in json.loads(evaluated.stdout.splitlines()[0])["pass_at_k"]
+    # the GRPO policy and its KL reference both start as the FD checkpoint, not as the base model
+    from transformers import AutoModelForCausalLM
+
+    from agent.models import load_model
+    from trainer.config import load_config
+    from trainer.run import Trainer
+
+    trainer = Trainer(load_config(None, [*overrides, f"model={checkpoint}", "algorithm=grpo", "kl_coef=0.001",
+                                         f"out_dir={tmp_path / 'grpo2'}"]))
+    try:
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+        base = load_model("tiny-qwen3", dtype="float32", device="cpu", seed=0).state_dict()
+        for model in (trainer.policy, trainer.reference):
+            weights = model.state_dict()
+            assert all(torch.equal(weights[k], saved[k]) for k in saved)
+            assert any(not torch.equal(weights[k], base[k]) for k in saved)
+    finally:
+        trainer.close()

@@ -157,3 +157,52 @@ def test_claude_feedback_is_cached_under_the_run_so_a_rerun_step_asks_nothing(tm
     assert first.returncode == 0 and again.returncode == 0, (first.stderr[-1500:], again.stderr[-1500:])
     assert asked == 2 and len(server.requests) == asked
     assert any((tmp_path / "run" / "feedback_cache").iterdir())
+
+
+def _sequence_logprob(model, episode) -> float:
+    """Sum of log p(token) over the episode's generated tokens under `model`."""
+    ids = torch.tensor([episode.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    logprobs = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logprobs[torch.tensor(episode.loss_mask[1:], dtype=torch.bool)].sum())
+
+
+def test_grpo_moves_the_policy_toward_the_solved_sample_and_away_from_the_other(tmp_path):
+    """Two samples of one problem, one solved (real Rocq check), one not: after one GRPO step the policy
+    gives the solved response more probability and the other less. The responses are scripted (a random
+    tiny model never solves anything); the model, the trainer, the losses and the prover are real."""
+    from agent.models import load_model
+    from tests.agent.conftest import ScriptedBackend
+    from tests.agent.test_rollout import call
+    from trainer.config import load_config
+    from trainer.run import Trainer
+
+    problems = tmp_path / "one.jsonl"
+    problems.write_text((REPO / "data" / "rocq_problems.jsonl").read_text().splitlines()[0] + "\n")
+    cfg = load_config(None, [*TINY, "algorithm=grpo", "samples_per_prompt=2", "prompts_per_step=1", "lr=1e-3",
+                             "kl_coef=0", "steps=1", "max_new_tokens=2000", f"problems={problems}",
+                             f"out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    try:
+        problem, prover = trainer.problems[0], trainer.rollout.prover
+        write_and_check = [call(prover.tools.write, path="Main.v", content=prover.render(problem, proof))
+                           + call(prover.tools.check, path="Main.v") for proof in (None, "  idtac.")]
+        first_turns = []
+
+        def script(prompt, turn):
+            if turn > 1:
+                return "Done."
+            first_turns.append(prompt)
+            return write_and_check[len(first_turns) - 1]  # the first episode solves it, the second does not
+
+        end = trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        trainer.backend = trainer.rollout.backend = ScriptedBackend(trainer.tokenizer, script, end)
+        trainer.train_step()
+        episodes = sorted(read_episodes(tmp_path / "run" / "episodes.jsonl"), key=lambda e: -e.reward)
+        assert [e.reward for e in episodes] == [1.0, 0.0]
+        before = load_model(cfg.model, dtype="float32", device="cpu", seed=cfg.seed)
+        change = [_sequence_logprob(trainer.policy, e) - _sequence_logprob(before, e) for e in episodes]
+        assert change[0] > 0 > change[1], change
+    finally:
+        trainer.close()
