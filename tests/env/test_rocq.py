@@ -124,6 +124,16 @@ def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq):
     assert check(rocq, rocq.render(PROBLEM))[1].solved
 
 
+def test_a_statement_check_that_runs_out_of_time_is_a_timeout(rocq):
+    """`0 = 0` is the statement `2^30 * 0 = 0` only after a billion reduction steps: the file compiles at
+    once, and the kernel's comparison with the problem's statement is what runs out of time."""
+    slow = Problem(name="p", prover="rocq", header="", formal_statement="Theorem p : Nat.pow 2 30 * 0 = 0.\nProof.")
+    result, verdict = check(rocq, "Theorem p : 0 = 0.\nProof. reflexivity. Qed.\n", problem=slow, timeout_s=6)
+    assert result.status == "timeout" and verdict.reason == "timeout" and not result.trusted
+    assert "checking the statement" in verdict.detail
+    assert check(rocq, rocq.render(PROBLEM))[1].solved
+
+
 def test_memory_bomb_hits_the_cap_and_the_next_check_is_fine():
     small = RocqProver(timeout_s=60, memory_mb=1024)
     try:
