@@ -6,7 +6,7 @@ import pytest
 
 from env.problems import Problem
 from env.provers.base import CheckResult, Message, StatementCheck
-from env.verdict import REASONS, judge
+from env.verdict import REASONS, Verdict, judge
 
 
 class Prover:
@@ -25,33 +25,45 @@ def verdict(**changes):
 
 
 def test_a_trusted_clean_result_is_solved():
-    assert verdict() == judge(SOLVED, PROBLEM, Prover()) and verdict().solved and verdict().reason == "solved"
-    assert verdict(axioms=()).solved
+    assert verdict() == Verdict(True, "solved", "") and verdict(axioms=()) == Verdict(True, "solved", "")
 
 
-@pytest.mark.parametrize("changes, reason", [
-    ({"status": "timeout", "messages": (Message("error", "too slow"),)}, "timeout"),
-    ({"status": "oom"}, "out_of_memory"),
-    ({"status": "crash"}, "prover_crash"),
-    ({"status": "error", "messages": (Message("error", "bad", 3, 1),)}, "does_not_compile"),
-    ({"uses_sorry": True}, "uses_sorry"),
-    ({"trusted": False}, "not_checked"),
-    ({"statement": None}, "not_checked"),
-    ({"unsafe": ("FdAttempt.loop relies on unchecked (co)fixpoints",)}, "kernel_rejected"),
-    ({"statement": StatementCheck(False, False, "no theorem named p")}, "theorem_not_found"),
-    ({"statement": StatementCheck(True, False, "differs")}, "statement_changed"),
-    ({"axioms": None}, "not_checked"),
-    ({"axioms": ("Coq.Logic.Classical_Prop.classic", "FdAttempt.magic")}, "nonstandard_axioms"),
+NOT_RECHECKED = "the file was not re-checked by the trusted kernel checker"
+LONG = "x" * 300
+
+
+@pytest.mark.parametrize("changes, reason, detail", [
+    ({"status": "timeout", "messages": (Message("error", "first"), Message("error", "too slow"))}, "timeout",
+     "too slow"),
+    ({"status": "timeout"}, "timeout", ""),
+    ({"status": "oom"}, "out_of_memory", ""),
+    ({"status": "crash", "messages": (Message("error", "first"), Message("error", "exit 139"))}, "prover_crash",
+     "exit 139"),
+    ({"status": "crash"}, "prover_crash", ""),
+    ({"status": "error", "messages": (Message("info", "hi"), Message("error", LONG, 3, 1), Message("error", "2nd"))},
+     "does_not_compile", f"line 3: {'x' * 200}"),
+    ({"status": "error"}, "does_not_compile", ""),
+    ({"uses_sorry": True}, "uses_sorry", "the proof is incomplete (sorry, admit, Admitted or Abort)"),
+    ({"trusted": False}, "not_checked", NOT_RECHECKED),
+    ({"statement": None}, "not_checked", NOT_RECHECKED),
+    ({"unsafe": ("a relies on type-in-type", "b " + "y" * 600)}, "kernel_rejected",
+     ("a relies on type-in-type; b " + "y" * 600)[:500]),
+    ({"statement": StatementCheck(False, False, "no theorem named p in the file")}, "theorem_not_found",
+     "no theorem named p in the file"),
+    ({"statement": StatementCheck(False, False)}, "theorem_not_found", "no theorem named p"),
+    ({"statement": StatementCheck(True, False, "differs")}, "statement_changed", "differs"),
+    ({"axioms": None}, "not_checked", "the axioms of the theorem could not be determined"),
+    ({"axioms": ("Coq.Logic.Classical_Prop.classic", "FdAttempt.magic", "A.b")}, "nonstandard_axioms",
+     "A.b, FdAttempt.magic"),
 ])
-def test_each_failure_has_its_reason(changes, reason):
-    v = verdict(**changes)
-    assert not v.solved and v.reason == reason and reason in REASONS
+def test_each_failure_has_its_reason(changes, reason, detail):
+    assert verdict(**changes) == Verdict(False, reason, detail) and reason in REASONS
 
 
-def test_details_say_what_failed():
-    assert verdict(status="error", messages=(Message("error", "bad", 3, 1),)).detail == "line 3: bad"
-    assert verdict(axioms=("FdAttempt.magic", "A.b")).detail == "A.b, FdAttempt.magic"
-    assert "fixpoints" in verdict(unsafe=("FdAttempt.loop relies on unchecked (co)fixpoints",)).detail
+def test_a_verdict_describes_itself():
+    v = Verdict(False, "statement_changed", "differs")
+    assert v.to_dict() == {"solved": False, "reason": "statement_changed", "detail": "differs"}
+    assert v.describe() == "statement changed: differs" and Verdict(True, "solved").describe() == "solved"
 
 
 def test_failures_win_over_a_solved_looking_rest():
