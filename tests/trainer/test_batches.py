@@ -136,7 +136,7 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
 def padded_hidden(model, rows, starts, masks):
     """The layout before packing: right-padded rows with an attention mask; the hidden states at trained positions."""
     width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
     attn = torch.zeros_like(ids)
     index = []
     for b, (row, start, m) in enumerate(zip(rows, starts, masks, strict=True)):
@@ -155,7 +155,7 @@ def padded_backward(algorithm, student, teacher, sequences):
     masks = [s.loss_mask[s.prompt_len:] for s in sequences]
     hidden = padded_hidden(student, [s.input_ids for s in sequences], [s.prompt_len for s in sequences], masks)
     targets = torch.tensor([t for s in sequences for t, m in zip(s.response_ids, s.loss_mask[s.prompt_len:],
-                                                                   strict=True) if m])
+                                                                   strict=True) if m], device=student.device)
     if algorithm == "fd":
         with torch.no_grad():
             t_hidden = padded_hidden(teacher, [s.teacher_prompt_ids + s.response_ids for s in sequences],
@@ -170,8 +170,9 @@ def padded_backward(algorithm, student, teacher, sequences):
             ref, _ = chunked_token_stats(ref_hidden, teacher.lm_head.weight, targets)
         logprobs, _ = chunked_token_stats(hidden, student.lm_head.weight, targets)
         adv = torch.tensor([s.advantage for s in sequences for m in s.loss_mask[s.prompt_len:] if m],
-                           dtype=torch.float64)
-        loss, _ = grpo_loss(logprobs, logprobs.detach(), ref, adv, torch.ones(total), clip_eps=0.2, kl_coef=0.1)
+                           dtype=torch.float64, device=student.device)
+        loss, _ = grpo_loss(logprobs, logprobs.detach(), ref, adv, torch.ones(total, device=student.device),
+                            clip_eps=0.2, kl_coef=0.1)
     (loss / total).backward()
     return float(loss.detach())
 
@@ -215,3 +216,35 @@ def test_packed_attention_leaves_other_calls_unchanged(tiny_model):
         with pytest.raises(ValueError, match="does not hold sequences of lengths"):
             packed.get_decoder()(input_ids=ids[:1], position_ids=torch.arange(5)[None], seq_lens=(2, 2),
                                  attention_mask=torch.ones(1, 5, dtype=torch.long))
+
+
+class MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_no_matmul(tiny_model):
+    """Full checkpointing runs every layer's matmuls again in backward; selective keeps their outputs and
+    recomputes only elementwise ops. All three give the same gradient."""
+    from trainer.algorithms import checkpoint_activations
+
+    sequences = random_sequences(tiny_model.config.vocab_size)
+    results = {}
+    for mode in ("none", "full", "selective"):
+        student, teacher = student_and_teacher(tiny_model)
+        if mode != "none":
+            checkpoint_activations(student, mode)
+        with MatmulCount() as counter:
+            backward("fd", student, teacher, sequences, token_budget=10_000, chunk=7)
+        results[mode] = (counter.count, grads(student))
+    # q, k, v, o, gate and up again per layer; not down: recomputation stops once backward has what it needs
+    assert results["full"][0] == results["none"][0] + 6 * tiny_model.config.num_hidden_layers
+    assert results["selective"][0] == results["none"][0]
+    for mode in ("full", "selective"):
+        for a, b in zip(results[mode][1], results["none"][1], strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
