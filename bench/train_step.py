@@ -130,7 +130,7 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
 
 
 def print_row(row: dict[str, float], args: argparse.Namespace) -> None:
-    print(f"{row['algorithm']:4s} {args.shape} ranks={row['ranks']} N={row['params'] / 1e6:,.0f}M "
+    print(f"{row['algorithm']:4s} {args.shape} ranks={row['ranks']} N={row['params'] / 1e6:,.1f}M "
           f"tokens={row['tokens']} (+{row['other_tokens']} teacher/reference) "
           f"checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}: "
           f"{row['seconds']:.3f} s, {row['tokens_per_s_per_gpu']:,.0f} tok/s per GPU, "
