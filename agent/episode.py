@@ -118,10 +118,16 @@ class Episode:
 
 @dataclass
 class EpisodeWriter:
-    """Appends whole records to a JSONL file; safe to share between threads of one process."""
+    """Appends whole records to a JSONL file; safe to share between threads of one process.
+
+    A file whose last line is torn (a run killed mid-write) is cut back to its last complete
+    record before the first append, so the new records start on a line of their own and
+    every complete record stays readable.
+    """
 
     path: Path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _repaired: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -130,6 +136,9 @@ class EpisodeWriter:
     def write(self, episode: Episode) -> None:
         data = (episode.to_json() + "\n").encode("utf-8")
         with self._lock:
+            if not self._repaired:
+                drop_torn_tail(self.path)
+                self._repaired = True
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 written = os.write(fd, data)
@@ -138,6 +147,26 @@ class EpisodeWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a JSONL file after its last newline (a record whose write never finished); returns the bytes cut."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            f.seek(max(0, end - 65536))
+            block = f.read(end - max(0, end - 65536))
+            at = block.rfind(b"\n")
+            if at >= 0:
+                end = max(0, end - 65536) + at + 1
+                break
+            end = max(0, end - 65536)
+        if end < size:
+            f.truncate(end)
+        return size - end
 
 
 def read_episodes(path: str | Path) -> Iterator[Episode]:

@@ -236,35 +236,56 @@ def transcript(messages: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+PROGRESS_INTERVAL_S = 1.0  # how often the progress bar reads the backend's token count
+
+
 async def rollout_many(rollout: Rollout, problems: Sequence[Problem], n_samples: int,
                        writer: EpisodeWriter | None = None, *, progress: bool = True) -> list[Episode]:
-    """`n_samples` episodes per problem, all concurrently; each is written as soon as it ends."""
+    """`n_samples` episodes per problem, all concurrently; each is written as soon as it ends.
+
+    The progress bar counts finished episodes and, refreshed every `PROGRESS_INTERVAL_S` while
+    they run, the tokens generated so far and their rate (an episode can take minutes to end).
+    """
     from tqdm.auto import tqdm
 
     jobs = [(p, k) for p in problems for k in range(n_samples)]
-    bar = tqdm(total=len(jobs), desc="episodes", disable=not progress)
-    solved, tokens, start = 0, 0, time.monotonic()
+    bar = tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress)
+    solved, first_token, start = 0, rollout.backend.generated_tokens, time.monotonic()
+
+    def show() -> None:
+        tokens = rollout.backend.generated_tokens - first_token
+        bar.set_postfix(solved=solved, tokens=tokens, tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.1f}")
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            show()
 
     async def one(index: int, problem: Problem) -> Episode:
-        nonlocal solved, tokens
+        nonlocal solved
         episode = await rollout.run(problem, index=index)
         if writer is not None:
             writer.write(episode)
         solved += episode.solved
-        tokens += episode.num_generated
         bar.update(1)
-        bar.set_postfix(solved=solved, tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.1f}")
+        show()
         return episode
 
+    ticker = asyncio.create_task(tick()) if progress else None
     try:
         return list(await asyncio.gather(*(one(i, p) for i, (p, _) in enumerate(jobs))))
     finally:
+        if ticker is not None:
+            ticker.cancel()
         bar.close()
 
 
 def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str | None = None, seed: int = 0,
-                 tensor_parallel_size: int = 1) -> tuple[GenerationBackend, Any]:
-    """(backend, tokenizer) for `transformers` or `vllm`; dtype None: float32 on CPU, bfloat16 on GPU, vLLM's auto."""
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 enable_sleep_mode: bool = False) -> tuple[GenerationBackend, Any]:
+    """(backend, tokenizer) for `transformers` or `vllm`; dtype None: float32 on CPU, bfloat16 on GPU, vLLM's auto.
+
+    The last three arguments are vLLM's (see `VLLMBackend`)."""
     from agent.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -279,8 +300,11 @@ def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str | Non
         from agent.backends.vllm import VLLMBackend
         from agent.models import model_path
 
+        # Rollouts stop on token ids, never on strings, so the engine needs no tokenizer (the named
+        # models' directories hold none).
         return VLLMBackend(model_path(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype or "auto",
-                           seed=seed), tokenizer
+                           seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_sleep_mode=enable_sleep_mode, skip_tokenizer_init=True), tokenizer
     raise ValueError(f"unknown backend {name!r}: use 'transformers' or 'vllm'")
 
 

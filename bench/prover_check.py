@@ -89,8 +89,9 @@ def main() -> None:
         if prover is not None:
             prover.close()
     medians = {c: statistics.median(r[c] for r in rows) for c in columns}
+    solved = sum(bool(r["solved"]) for r in rows)
     print("median " + ", ".join(f"{c} {v:.3f} s" for c, v in medians.items())
-          + f"; cold/warm {medians['cold'] / medians['warm']:.1f}x; solved {sum(r['solved'] for r in rows)} of {len(rows)}")
+          + f"; cold/warm {medians['cold'] / medians['warm']:.1f}x; solved {solved} of {len(rows)}")
 
 
 if __name__ == "__main__":

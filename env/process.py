@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import selectors
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,11 +89,13 @@ class Pumped:
 
 
 def pump(stdin: int | None, stdout: int, *, send: bytes = b"", markers: Sequence[bytes] = (), deadline: float,
-         limit: int = OUTPUT_LIMIT_BYTES, output: CappedBuffer | None = None) -> Pumped:
+         limit: int = OUTPUT_LIMIT_BYTES, output: CappedBuffer | None = None,
+         tick: Callable[[], None] | None = None, tick_s: float = 0.01) -> Pumped:
     """Write `send` to `stdin` while reading `stdout` (both raw file descriptors) until the end.
 
     The end is the first of: every marker seen in order (when markers are given), end of
     file, `deadline` (a `time.monotonic()` value), or more than `limit` bytes read.
+    `tick` is called about every `tick_s` seconds meanwhile (to watch the process).
     """
     out = output if output is not None else CappedBuffer()
     scan = MarkerScan(markers) if markers else None
@@ -109,7 +111,9 @@ def pump(stdin: int | None, stdout: int, *, send: bytes = b"", markers: Sequence
             left = deadline - time.monotonic()
             if left <= 0:
                 return Pumped("timeout", out)
-            for key, _ in sel.select(timeout=left):
+            if tick is not None:
+                tick()
+            for key, _ in sel.select(timeout=min(left, tick_s) if tick is not None else left):
                 if key.fd == stdout:
                     data = os.read(stdout, 65536)
                     if not data:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,6 +47,8 @@ class EpisodeDir:
         self.root = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
         self.max_file_bytes = max_file_bytes
         self.max_total_bytes = max_total_bytes
+        # removed on close, or when the object is collected, or at interpreter exit, whichever comes first
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.root), True)
 
     def resolve(self, rel_path: str) -> Path:
         """The absolute path for a tool-supplied relative path, or SandboxError."""
@@ -98,7 +101,7 @@ class EpisodeDir:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file() and not p.is_symlink())
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()
 
     def __enter__(self) -> EpisodeDir:
         return self
@@ -149,7 +152,7 @@ def jail_argv(argv: Sequence[str], workdir: Path, readonly: Sequence[Path], env:
     """The bubblewrap command line that runs `argv` with `workdir` as its only writable directory.
 
     `as_pid_1` runs the command itself as the namespace's first process (no reaper), so that
-    the resource usage the caller collects with `wait4` includes the command's.
+    it is bubblewrap's own child, whose memory the caller can watch (`PeakMemory`).
     """
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
            "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
@@ -192,6 +195,38 @@ def rlimits(*, cpu_s: int | None, memory_mb: int | None):
     return limit
 
 
+class PeakMemory:
+    """The peak resident memory of the process a command runs (the prover, inside the jail),
+    polled from the kernel while it runs.
+
+    The rusage that `wait4` reports cannot be used: a child forked from a large Python
+    process (a trainer holds gigabytes) carries the parent's resident size until it execs,
+    and the kernel keeps that as the child's peak.
+    """
+
+    def __init__(self, proc: subprocess.Popen, jailed: bool) -> None:
+        self.proc, self.jailed = proc, jailed
+        self.pid: int | None = None if jailed else proc.pid
+        self.peak_mb = 0.0
+
+    def poll(self) -> float:
+        if self.pid is None:  # with --as-pid-1 the prover is bubblewrap's only child
+            try:
+                children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            except OSError:
+                children = []
+            self.pid = int(children[0]) if children else None
+        if self.pid is not None:
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return self.peak_mb
+            m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+            if m is not None:
+                self.peak_mb = max(self.peak_mb, int(m[1]) / 1024)
+        return self.peak_mb
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process and everything it started (it leads its own session)."""
     try:
@@ -215,20 +250,20 @@ def run_jailed(argv: Sequence[str], *, workdir: Path, readonly: Sequence[Path] =
                             stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=rlimits(cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb))
     assert proc.stdout is not None
+    memory = PeakMemory(proc, jailed)
     try:
-        pumped = pump(None, proc.stdout.fileno(), deadline=start + timeout_s, limit=output_limit)
+        pumped = pump(None, proc.stdout.fileno(), deadline=start + timeout_s, limit=output_limit, tick=memory.poll)
         if pumped.ending != "eof":
             kill_group(proc)
     finally:
         proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    code = proc.wait()
     stopped = pumped.ending in ("timeout", "limit")
     sig = None if stopped else killed_by(code, jailed)
     timed_out = pumped.ending == "timeout" or sig in (signal.SIGXCPU, signal.SIGKILL)
     return ProcessOutcome(None if stopped else code, pumped.output.text(), time.monotonic() - start, timed_out,
                           jailed, output_limited=pumped.ending == "limit", signal=sig,
-                          peak_rss_mb=usage.ru_maxrss / 1024, memory_mb=memory_mb)
+                          peak_rss_mb=memory.peak_mb, memory_mb=memory_mb)
 
 
 def killed_by(code: int, jailed: bool) -> int | None:

@@ -6,12 +6,15 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from env.process import CappedBuffer, pump
 from env.provers.base import SearchHit
 from env.sandbox import SandboxError
 
 MAX_PATTERN_CHARS = 500
+OUTPUT_BYTES = 2 * 1024 * 1024  # of ripgrep's JSON: thousands of matches, far more than are shown
 
 
 def rg_binary() -> str:
@@ -32,14 +35,28 @@ def rg_search(root: Path, pattern: str, *, glob: str, max_hits: int = 50,
         raise SandboxError(f"pattern is longer than {MAX_PATTERN_CHARS} characters")
     cmd = [rg_binary(), "--json", "--sort", "path", "--max-columns", "300", "--max-count", str(max_hits),
            "--glob", glob, "--regexp", pattern, "."]
+    proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    kept = CappedBuffer(head=OUTPUT_BYTES, tail=0)  # the first matches are all we show
     try:
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise SandboxError(f"search took longer than {timeout_s:.0f} s; use a more specific pattern") from None
-    if proc.returncode == 2:
-        raise SandboxError(f"invalid pattern: {proc.stderr.decode('utf-8', 'replace').strip()[:300]}")
+        ending = pump(None, proc.stdout.fileno(), deadline=time.monotonic() + timeout_s, limit=OUTPUT_BYTES,
+                      output=kept).ending
+    finally:
+        proc.kill()
+        error = proc.stderr.read(2000).decode("utf-8", "replace")
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if ending == "timeout":
+        raise SandboxError(f"search took longer than {timeout_s:.0f} s; use a more specific pattern")
+    if ending == "eof" and proc.returncode == 2:
+        raise SandboxError(f"invalid pattern: {error.strip()[:300]}")
+    complete = bytes(kept.head)
+    if ending == "limit":
+        complete = complete[: complete.rfind(b"\n") + 1]
     hits: list[SearchHit] = []
-    for line in proc.stdout.splitlines():
+    for line in complete.splitlines():
         event = json.loads(line)
         if event["type"] != "match":
             continue

@@ -31,6 +31,12 @@ class TrainConfig:
                                              "(started from an FD checkpoint: GRPO over FD)")
     model: str = _f("smollm2", "smollm2 | tiny-qwen3 | tiny-llama | a Hugging Face model directory or checkpoint")
     backend: Literal["transformers", "vllm"] = _f("transformers", "generation backend for rollouts")
+    vllm_gpu_memory_utilization: float = _f(0.5, "vLLM: share of each GPU its engine takes (weights, KV cache, "
+                                                 "CUDA graphs); must be free at start, beside the trainer's models")
+    vllm_enforce_eager: bool = _f(False, "vLLM: no CUDA graphs or compilation: the engine starts in seconds, not "
+                                         "a minute, and generates slower (tests, small runs)")
+    vllm_sleep: bool = _f(True, "vLLM: release the engine's weights and KV cache while training (sleep mode); "
+                                "the weight sync after each step brings them back")
     prover: Literal["auto", "lean", "rocq"] = _f("auto", "auto: Lean where the pinned Lake project is built, else Rocq")
     problems: str = _f("", "training problems (JSONL); default: our own set for the prover")
     # feedback (FD)

@@ -21,6 +21,7 @@ is the plain one-process operation, so the trainer behaves exactly as without to
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -168,6 +169,29 @@ def full_state_dict(model: torch.nn.Module, *, cpu: bool = False) -> dict[str, t
     if world_size() == 1:
         return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))
+
+
+class LazyFullStateDict(Mapping[str, torch.Tensor]):
+    """The unsharded state dict, each tensor gathered when it is read: one full tensor at a time,
+    not a whole model per rank. Every rank must read the same names in the same order."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._state = model.state_dict()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._state[name]
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+def lazy_full_state_dict(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
+    """`full_state_dict(model)` for a reader that walks it once: the weight sync to the generation backend."""
+    return model.state_dict() if world_size() == 1 else LazyFullStateDict(model)
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

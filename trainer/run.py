@@ -86,8 +86,6 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = distributed.setup(cfg.device)
-        if distributed.world_size() > 1 and cfg.backend == "vllm":
-            raise ConfigError("backend=vllm is not supported under torchrun yet; use backend=transformers")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.prover, why = resolve_prover(cfg.prover)
         distributed.print0(f"prover: {self.prover} ({why}); algorithm: {cfg.algorithm}; model: {cfg.model}; "
@@ -104,19 +102,22 @@ class Trainer:
             if cfg.algorithm == "fd" else None
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False) \
             if cfg.algorithm == "grpo" and cfg.kl_coef > 0 else None
-        self.backend = self._make_backend(dtype)
+        # The transformers backend copies the full policy, so it is made before sharding; the vLLM
+        # engine loads the model from its directory, and starts after sharding, when more memory is free.
+        backend = self._make_backend(dtype) if cfg.backend == "transformers" else None
         self.feedback_backend = None
-        rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                                    max_turns=cfg.max_turns, temperature=cfg.temperature,
-                                    check_timeout_s=cfg.check_timeout_s, seed=cfg.seed)
         feedback = self._make_feedback() if cfg.algorithm == "fd" else None
-        self.rollout = make_rollout(self.backend, self.tokenizer, self.prover, rollout_cfg, model_name=cfg.model,
-                                    feedback=feedback)
         # Sharded after every full copy (teacher, reference, backends) is made: the teacher is
         # sharded like the policy, so the EMA works shard by shard.
         for model in (self.policy, self.teacher.model if self.teacher else None, self.reference):
             if model is not None:
                 distributed.shard(model)
+        self.backend = backend if backend is not None else self._make_backend(dtype)
+        rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                                    max_turns=cfg.max_turns, temperature=cfg.temperature,
+                                    check_timeout_s=cfg.check_timeout_s, seed=cfg.seed)
+        self.rollout = make_rollout(self.backend, self.tokenizer, self.prover, rollout_cfg, model_name=cfg.model,
+                                    feedback=feedback)
         self.optimizer = torch.optim.AdamW(distributed.param_groups(self.policy), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
@@ -140,7 +141,12 @@ class Trainer:
             from agent.backends.vllm import VLLMBackend
             from agent.models import model_path
 
-            return VLLMBackend(model_path(self.cfg.model), dtype=dtype, seed=self.cfg.seed)
+            # Under torchrun every rank starts its own engine, on its own GPU, for its share of the episodes.
+            # Rollouts stop on token ids only, so the engine needs no tokenizer.
+            return VLLMBackend(model_path(self.cfg.model), dtype=dtype, seed=self.cfg.seed,
+                               gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
+                               enable_sleep_mode=self.cfg.vllm_sleep, enforce_eager=self.cfg.vllm_enforce_eager,
+                               skip_tokenizer_init=True)
         from agent.backends.hf import TransformersBackend
 
         model = copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -184,7 +190,7 @@ class Trainer:
         weights = load_model(str(path / "model"), dtype=str(next(self.policy.parameters()).dtype).split(".")[-1],
                              device=str(self.device)).state_dict()
         distributed.load_full_state_dict(self.policy, weights)
-        self.backend.update_weights(distributed.full_state_dict(self.policy))
+        self.backend.update_weights(distributed.lazy_full_state_dict(self.policy), version=state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
@@ -224,6 +230,8 @@ class Trainer:
         for part in parts[1:]:
             for episode in part:
                 self.writer.write(episode)
+        if cfg.backend == "vllm" and cfg.vllm_sleep:
+            self.backend.sleep()  # its weights and KV cache make room for training; update_weights wakes it
         timings["time/rollout_s"] = time.monotonic() - t0
 
         t1 = time.monotonic()
@@ -239,7 +247,7 @@ class Trainer:
         ema = self.teacher.maybe_update(self.policy, self.step) if self.teacher is not None else False
         timings["time/optimizer_s"] = time.monotonic() - t2
         t3 = time.monotonic()
-        self.backend.update_weights(distributed.full_state_dict(self.policy))
+        self.backend.update_weights(distributed.lazy_full_state_dict(self.policy), version=self.step)
         timings["time/weight_sync_s"] = time.monotonic() - t3
         if not distributed.is_main():
             return {}

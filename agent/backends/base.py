@@ -33,14 +33,16 @@ class Generation:
 class GenerationBackend(Protocol):
     """Implementations: `agent.backends.hf.TransformersBackend`, `agent.backends.vllm.VLLMBackend`."""
 
-    policy_version: int  # incremented by every update_weights
+    policy_version: int  # optimizer steps behind the current weights: the `version` of the last update_weights
+    generated_tokens: int  # tokens sampled so far over all requests, growing while they run (for progress)
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
         """Sample one continuation of `prompt_ids`; safe to call concurrently."""
         ...
 
-    def update_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Load new policy weights in place (names as in the Hugging Face model's state dict)."""
+    def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
+        """Load new policy weights in place (names as in the Hugging Face model's state dict), made by
+        `version` optimizer steps; `policy_version` becomes `version`."""
         ...
 
     def close(self) -> None: ...

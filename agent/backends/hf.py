@@ -41,6 +41,7 @@ class TransformersBackend:
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.policy_version = 0
+        self.generated_tokens = 0  # sampled tokens so far, over all requests (read by progress bars)
         self._pending: list[_Request] = []
         self._cv = threading.Condition()  # guards the queue; held only briefly, also by the event loop
         self._weights = threading.Lock()  # held while a batch runs
@@ -68,12 +69,12 @@ class TransformersBackend:
             self._cv.notify()
         return await request.future
 
-    def update_weights(self, state_dict: Mapping[str, Any]) -> None:
+    def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
         with self._weights:  # between batches, never during one
             missing, unexpected = self.model.load_state_dict(dict(state_dict), strict=False)
             if unexpected:
                 raise ValueError(f"unknown weights: {sorted(unexpected)[:5]}")
-            self.policy_version += 1
+            self.policy_version = version
 
     def close(self) -> None:
         with self._cv:
@@ -129,6 +130,7 @@ class TransformersBackend:
                                                           logprobs[:, seen: step + 1].tolist(), strict=True)):
                     for token, lp in zip(row_ids, row_lp, strict=True):
                         if finish[i] is None:
+                            self.generated_tokens += 1
                             out_ids[i].append(token)
                             out_lp[i].append(lp)
                             finish[i] = self._finished(batch[i].params, out_ids[i])

@@ -1,24 +1,34 @@
-"""vLLM generation backend: the V1 `AsyncLLM` engine (continuous batching) behind `GenerationBackend`.
+"""vLLM generation backend: vLLM's `AsyncLLM` engine (continuous batching) behind `GenerationBackend`.
 
-Written against vLLM 0.33. What it relies on, and why:
+Tested with vLLM 0.24 (the release for torch 2.11); 0.27 to 0.33 work too. The installed
+version is read once (`VLLMApi`); where the calls we make differ, the matching one is used.
+What the backend relies on, and why:
 
 - The engine runs on an event loop of its own, in a background thread. `AsyncLLM` binds its
   sockets and output task to the loop it first runs in, while our callers come from several
   loops (`asyncio.run` per rollout batch) and from synchronous code (`update_weights`, `close`).
-  `generate` hands each request to that loop and awaits the result from the caller's loop.
 - Logprobs are those of the sampling distribution (`logprobs_mode="processed_logprobs"`: after
-  temperature and top-p), which is what `Generation.logprobs` promises. vLLM's default,
-  `raw_logprobs`, would give the untempered model's. At temperature 0 (greedy) vLLM reports the
-  untempered model's logprobs.
-- Exactly `SamplingParams.stop_token_ids` end generation (`ignore_eos=True`): the model's EOS is
-  not added behind the caller's back. Stop tokens and stop strings stay in the output.
-- New weights go in through vLLM's weight-transfer API with its CUDA IPC backend: the engine
-  reads the trainer's tensors in place on the same GPU(s), inside a `pause_generation("keep")`
-  window that also drops the KV and prefix caches, so every token sampled afterwards comes from
-  the new weights. The IPC handles hold torch classes and dtypes, which vLLM's msgpack channel
-  to its engine process carries only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1` (pickle); the
-  constructor sets it, as vLLM's own IPC example does. That channel is a local socket between
-  this process and the engine processes it starts.
+  temperature and top-p), which is what `Generation.logprobs` promises. At temperature 0
+  (greedy) vLLM reports the untempered model's logprobs.
+- Exactly `SamplingParams.stop_token_ids` end generation (`ignore_eos=True`). Stop tokens and
+  stop strings stay in the output.
+- New weights go in without ray and without pickle: the trainer packs them into buckets (flat
+  byte buffers of `BUCKET_BYTES`, or one tensor's size if larger) on each engine GPU and sends
+  each bucket's CUDA IPC handle to the engine's workers, whose `WeightReceiver` (a vLLM worker
+  extension, `agent/backends/vllm_worker.py`) hands views of it to the model's own
+  `load_weights`. Extra GPU memory during an update: one bucket per engine GPU. Generation is
+  paused meanwhile (requests in flight finish first, new ones wait), the prefix cache is reset
+  afterwards, and the workers report any parameter that no bucket reached: every token
+  generated after `update_weights` returns comes from the new weights.
+- Colocation with a trainer: `gpu_memory_utilization` is the share of each engine GPU vLLM
+  takes (weights, KV cache, CUDA graphs); it must be free when the engine starts, which is
+  checked first, with a message that names the setting. With `enable_sleep_mode`, `sleep()`
+  releases the weights and the KV cache (vLLM's level 2) for the training phase, and the next
+  `update_weights` wakes the engine, after checking the room is free again.
+- Engine GPUs: the current CUDA device and the next `tensor_parallel_size - 1`. Under torchrun
+  every rank starts its own engine on its own GPU: the engine process is started with
+  CUDA_VISIBLE_DEVICES naming that GPU and without torchrun's variables (with them, its
+  one-process torch.distributed group would look for torchrun's store).
 """
 
 from __future__ import annotations
@@ -27,18 +37,51 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+import warnings
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from agent.backends.base import Generation, SamplingParams
 
 INSTALL_HINT = "vLLM is not installed: pip install -e '.[vllm]' on a machine with an NVIDIA GPU"
+BUCKET_BYTES = 512 << 20  # weights per IPC transfer; bounds the extra GPU memory of an update
+CONTEXT_BYTES = 1 << 30  # GPU memory of a process's CUDA context, allowed for the engine process
+TESTED = (0, 24)  # the version the GPU tests ran on
+NEWEST = (0, 33)  # the newest version whose API this module was checked against
+# torchrun's variables, read by torch.distributed in any process that inherits them
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 _T = TypeVar("_T")
 
 
 class VLLMGenerationError(RuntimeError):
     """A request ended without a result: aborted (cancelled, engine shut down) or an engine-side error."""
+
+
+class VLLMMemoryError(RuntimeError):
+    """The engine's share of a GPU is not free (the trainer holds it)."""
+
+
+@dataclass(frozen=True)
+class VLLMApi:
+    """The calls that differ between the supported vLLM versions, picked once from the installed one."""
+
+    version: tuple[int, int]
+    names_weight_versions: bool  # 0.27+: `AsyncLLM.update_weight_version` labels outputs and metrics
+
+    @classmethod
+    def of(cls, version: str) -> VLLMApi:
+        parts = version.split("+")[0].split(".")
+        major_minor = (int(parts[0]), int(parts[1]))
+        if major_minor < TESTED:
+            raise ImportError(f"vLLM {version} is too old: this backend needs vLLM 0.24 or newer")
+        if major_minor > NEWEST:
+            warnings.warn(f"vLLM {version} is newer than the newest version this backend was checked against "
+                          f"(0.{NEWEST[1]})", stacklevel=3)
+        return cls(version=major_minor, names_weight_versions=major_minor >= (0, 27))
 
 
 class _Logprob(Protocol):
@@ -107,10 +150,59 @@ def new_request_id() -> str:
     return f"fd-{uuid.uuid4().hex}"
 
 
+def group_buckets(items: Iterable[tuple[str, Any]], limit: int) -> Iterator[list[tuple[str, Any]]]:
+    """Consecutive (name, tensor) pairs in groups that `pack` lays out in at most `limit` bytes; a
+    larger tensor goes alone. Reads `items` lazily: one group (and one tensor) is held at a time."""
+    from agent.backends.vllm_worker import bucket_bytes
+
+    group: list[tuple[str, Any]] = []
+    size = 0
+    for name, tensor in items:
+        if group and size + bucket_bytes(tensor) > limit:
+            yield group
+            group, size = [], 0
+        group.append((name, tensor))
+        size += bucket_bytes(tensor)
+    if group:
+        yield group
+
+
+def current_gpu() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def gpu_memory(gpu: int) -> tuple[int, int]:
+    """(free, total) bytes of a GPU, counting every process's use."""
+    import torch
+
+    return torch.cuda.mem_get_info(gpu)
+
+
+def release_cached_memory() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+
+
+def check_free_memory(free: int, total: int, utilization: float, gpu: int) -> None:
+    """vLLM takes `utilization * total` bytes of a GPU and refuses to start unless that much is free
+    once its engine process has made its CUDA context (`CONTEXT_BYTES`, counted here beforehand)."""
+    if utilization * total + CONTEXT_BYTES > free:
+        gib = 1 << 30
+        raise VLLMMemoryError(
+            f"vLLM's gpu_memory_utilization={utilization:.2f} asks for {utilization * total / gib:.1f} GiB of "
+            f"GPU {gpu} ({total / gib:.1f} GiB), but only {free / gib:.1f} GiB are free (the trainer's model copies "
+            f"hold the rest): lower it to at most {max((free - CONTEXT_BYTES) / total - 0.01, 0):.2f} "
+            "(trainer config: vllm_gpu_memory_utilization), or free memory on that GPU")
+
+
 class VLLMBackend:
-    """`GenerationBackend` over a vLLM `AsyncLLM` engine on the GPUs cuda:0 .. tensor_parallel_size-1."""
+    """`GenerationBackend` over a vLLM `AsyncLLM` engine on the current CUDA device (and the next ones for TP)."""
 
     policy_version: int
+    generated_tokens: int
 
     def __init__(
         self,
@@ -118,6 +210,8 @@ class VLLMBackend:
         *,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool = False,
         max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
@@ -126,47 +220,53 @@ class VLLMBackend:
         """Start the engine (a minute or more: weights, compilation, CUDA graphs).
 
         model: a Hugging Face model directory or hub name. gpu_memory_utilization: the share of
-        each GPU's memory vLLM may take (weights + KV cache); leave room for a colocated trainer.
-        max_model_len: prompt + generated tokens; None takes the model config's. skip_tokenizer_init:
-        for model directories without a tokenizer; stop strings are then refused.
+        each engine GPU vLLM may take (weights + KV cache + CUDA graphs); it must be free now.
+        enable_sleep_mode: allow `sleep()`. enforce_eager: no CUDA graphs or compilation, so the
+        engine starts in seconds rather than a minute and generates slower. max_model_len: prompt +
+        generated tokens; None takes the model config's. skip_tokenizer_init: for model directories
+        without a tokenizer; stop strings are then refused.
         """
         try:
+            import vllm
             from vllm import SamplingParams as VLLMSamplingParams
             from vllm import TokensPrompt
-            from vllm.config import WeightTransferConfig
-            from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as error:
             raise ImportError(INSTALL_HINT) from error
 
+        self.api = VLLMApi.of(vllm.__version__)
         self._vllm_sampling_params = VLLMSamplingParams
         self._tokens_prompt = TokensPrompt
-        self._update_request = WeightTransferUpdateRequest
         self._final_only = RequestOutputKind.FINAL_ONLY  # one output per request, not a stream
         self._can_detokenize = not skip_tokenizer_init
-        self._num_gpus = tensor_parallel_size
+        self._sleep_mode = enable_sleep_mode
+        self._asleep_free: dict[int, int] | None = None  # while asleep: the bytes each GPU must have to wake
         self.policy_version = 0
+        self.generated_tokens = 0  # all requests' sampled tokens so far, counted per engine step
 
-        # Read by vLLM's processes when they start, so it must be set before the engine is.
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        first = current_gpu()
+        self._gpus = list(range(first, first + tensor_parallel_size))
+        for gpu in self._gpus:
+            check_free_memory(*gpu_memory(gpu), gpu_memory_utilization, gpu)
         args = AsyncEngineArgs(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=enable_sleep_mode,
+            enforce_eager=enforce_eager,
             max_model_len=max_model_len,
             dtype=dtype,
             seed=seed,
             skip_tokenizer_init=skip_tokenizer_init,
             logprobs_mode="processed_logprobs",
-            weight_transfer_config=WeightTransferConfig(backend="ipc"),
+            worker_extension_cls="agent.backends.vllm_worker.WeightReceiver",
         )
+        counter = self._token_counter()
 
         async def start() -> Any:
-            engine = AsyncLLM.from_engine_args(args)
-            await engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={}))
-            return engine
+            return AsyncLLM.from_engine_args(args, stat_loggers=[counter])
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-backend-loop", daemon=True)
@@ -174,14 +274,37 @@ class VLLMBackend:
         self._tasks: set[asyncio.Task[Any]] = set()  # in-flight requests, cancelled by close()
         self._engine: Any = None
         try:
-            self._engine = self._run(start())
+            with _engine_process_environment(self._gpus):
+                self._engine = self._run(start())
         except BaseException:
             self._stop_loop()
             raise
 
+    def _token_counter(self) -> type:
+        """A vLLM stat logger (one per engine) that adds each engine step's sampled tokens to `generated_tokens`."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        backend = self
+
+        class TokenCounter(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if iteration_stats is not None:
+                    backend.generated_tokens += iteration_stats.num_generation_tokens
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return TokenCounter
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
         """Sample one continuation of `prompt_ids`; concurrent calls are batched by the engine."""
         self._check_open()
+        if self._asleep_free is not None:
+            raise RuntimeError("the engine is asleep (its weights are released): update_weights wakes it")
         kwargs = to_vllm_sampling_kwargs(params, can_detokenize=self._can_detokenize)
         sampling_params = self._vllm_sampling_params(**kwargs, output_kind=self._final_only)
         prompt = self._tokens_prompt(prompt_token_ids=list(prompt_ids))
@@ -208,34 +331,89 @@ class VLLMBackend:
         finally:
             self._tasks.discard(task)
 
-    def update_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Load `state_dict` (Hugging Face names, any dtype, on any device) in place; blocks until loaded.
+    def sleep(self) -> None:
+        """Release the engine's weights and KV cache (after requests in flight finish) until `update_weights`."""
+        self._check_open()
+        if not self._sleep_mode:
+            raise RuntimeError("sleep() needs the engine started with enable_sleep_mode=True")
+        if self._asleep_free is not None:
+            return
+        before = {gpu: gpu_memory(gpu)[0] for gpu in self._gpus}
+        self._run(self._engine.sleep(level=2, mode="wait"))
+        self._asleep_free = {gpu: gpu_memory(gpu)[0] - free for gpu, free in before.items()}
 
-        Tensors already on the engine's GPU are read where they are (CUDA IPC); others are copied
-        to each engine GPU first, so that copy of the weights exists for the duration of the call.
-        Requests in flight are frozen meanwhile and continue with the new weights (vLLM marks
-        their tokens' weight versions in `CompletionOutput.weight_versions`). A failed update may
-        leave a mix of old and new weights, so it closes the backend before re-raising.
+    def update_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
+        """Load `state_dict` (Hugging Face names, any dtype, any device) in place; blocks until loaded.
+
+        Reads `state_dict` once, in order (a lazy mapping that gathers each tensor on access is
+        fine). Requests in flight finish on the old weights first; requests made meanwhile wait.
+        A sleeping engine is woken. A failed update may leave a mix of old and new weights, so it
+        closes the backend before re-raising.
         """
         self._check_open()
-        update_info, keep_alive = _ipc_update_info(state_dict, self._num_gpus)
-        version = self.policy_version + 1
+        engine = self._engine
+        asleep = self._asleep_free is not None
+        if asleep:
+            self._check_room_to_wake()  # before anything changes: the engine stays usable after this error
         try:
-            self._run(self._load_weights(update_info, str(version)))
+            if asleep:
+                self._run(engine.wake_up(tags=["weights"]))
+            else:
+                self._run(engine.pause_generation(mode="wait", clear_cache=True))
+            self._run(engine.collective_rpc("fd_begin_update"))
+            for group in group_buckets(state_dict.items(), BUCKET_BYTES):
+                self._load_bucket(group)
+            missing = sorted({name for names in self._run(engine.collective_rpc("fd_finish_update"))
+                              for name in names})
+            if missing:
+                raise ValueError(f"the update left {len(missing)} of the engine's parameters stale "
+                                 f"(no tensor of these names was sent): {missing[:5]}")
+            if asleep:
+                self._run(engine.wake_up(tags=["kv_cache"]))  # fully awake: vLLM resumes scheduling
+                self._asleep_free = None
+            elif not self._run(engine.reset_prefix_cache()):
+                raise RuntimeError("vLLM could not reset its prefix cache after the weight update")
+            else:
+                self._run(engine.resume_generation())
+            if self.api.names_weight_versions:
+                self._run(engine.update_weight_version(str(version)))
         except BaseException:
             self.close()
             raise
-        finally:
-            _release_ipc(keep_alive)
         self.policy_version = version
 
-    async def _load_weights(self, update_info: dict[str, Any], version: str) -> None:
-        engine = self._engine
-        await engine.pause_generation(mode="keep", clear_cache=True)
-        await engine.start_weight_update()
-        await engine.update_weights(self._update_request(update_info=update_info))
-        await engine.finish_weight_update(weight_version=version)
-        await engine.resume_generation()
+    def _load_bucket(self, group: list[tuple[str, Any]]) -> None:
+        buffers, handles, entries = self._share(group)
+        counts = self._run(self._engine.collective_rpc("fd_load_bucket", args=(handles, entries)))
+        del buffers  # the workers have let go of them: one bucket per engine GPU exists at a time
+        if counts != [len(entries)] * len(counts):
+            raise RuntimeError(f"the engine's workers loaded {counts} tensors of a bucket of {len(entries)}")
+
+    def _share(self, group: list[tuple[str, Any]]) -> tuple[list[Any], dict[str, list[Any]], list[Any]]:
+        """The bucket packed on each engine GPU: (buffers, IPC handle per GPU UUID, entries). The
+        caller keeps the buffers alive until the workers have loaded them: a handle does not own memory."""
+        import torch
+
+        from agent.backends.vllm_worker import gpu_uuid, ipc_handle, pack
+
+        buffer, entries = pack(group, torch.device("cuda", self._gpus[0]))
+        buffers = [buffer] + [buffer.to(torch.device("cuda", gpu)) for gpu in self._gpus[1:]]
+        for gpu in self._gpus:
+            torch.cuda.synchronize(gpu)  # another process reads the buffers next
+        torch.cuda.ipc_collect()  # free earlier buckets, which only the workers' mappings kept alive
+        return buffers, {gpu_uuid(gpu): ipc_handle(b) for gpu, b in zip(self._gpus, buffers, strict=True)}, entries
+
+    def _check_room_to_wake(self) -> None:
+        assert self._asleep_free is not None
+        release_cached_memory()  # the trainer's cached but unused blocks go back to the GPU
+        for gpu, needed in self._asleep_free.items():
+            free = gpu_memory(gpu)[0]
+            if free < needed:
+                gib = 1 << 30
+                raise VLLMMemoryError(
+                    f"waking vLLM needs the {needed / gib:.1f} GiB it released on GPU {gpu}, but only "
+                    f"{free / gib:.1f} GiB are free: the trainer holds more than when the engine started "
+                    "(optimizer state, activations); lower vllm_gpu_memory_utilization or micro_batch_tokens")
 
     def close(self) -> None:
         """Cancel requests in flight, shut the engine down and stop its loop; safe to call twice."""
@@ -270,42 +448,18 @@ class VLLMBackend:
         self._loop.close()
 
 
-def _ipc_update_info(state_dict: Mapping[str, Any], num_gpus: int) -> tuple[dict[str, Any], list[Any]]:
-    """The `update_info` of vLLM's IPC weight transfer, and the tensors it points into.
-
-    Each engine worker looks up its own GPU (by UUID) in every handle, so each tensor needs a
-    copy on each of cuda:0 .. num_gpus-1 (none is made where it already lies). The returned
-    tensors must stay alive until the engine has loaded them: the handles do not own the memory.
-    """
-    import torch
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    uuids = [str(torch.cuda.get_device_properties(index).uuid) for index in range(num_gpus)]
-    names: list[str] = []
-    dtype_names: list[str] = []
-    shapes: list[list[int]] = []
-    ipc_handles: list[dict[str, tuple[Any, ...]]] = []
-    keep_alive: list[Any] = []
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach()
-        handles = {}
-        for index, gpu_uuid in enumerate(uuids):
-            on_gpu = tensor.to(torch.device("cuda", index)).contiguous()
-            keep_alive.append(on_gpu)
-            handles[gpu_uuid] = reduce_tensor(on_gpu)[1]
-        names.append(name)
-        dtype_names.append(str(tensor.dtype).removeprefix("torch."))
-        shapes.append(list(tensor.shape))
-        ipc_handles.append(handles)
-    for index in range(num_gpus):
-        torch.cuda.synchronize(index)  # the copies are asynchronous; another process reads them next
-    update_info = {"names": names, "dtype_names": dtype_names, "shapes": shapes, "ipc_handles": ipc_handles}
-    return update_info, keep_alive
-
-
-def _release_ipc(keep_alive: list[Any]) -> None:
-    """Drop our references once the engine has dropped its views, and free what only IPC kept alive."""
-    import torch
-
-    keep_alive.clear()
-    torch.cuda.ipc_collect()
+@contextmanager
+def _engine_process_environment(gpus: list[int]) -> Iterator[None]:
+    """The environment vLLM's engine process inherits: our GPUs only, no torchrun variables."""
+    saved = dict(os.environ)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",") if visible else [str(index) for index in range(max(gpus) + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[gpu] for gpu in gpus)
+    for name in list(os.environ):
+        if name in TORCHRUN_VARIABLES or name.startswith("TORCHELASTIC_"):
+            del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -12,15 +12,14 @@ A check has two paths (see DESIGN.md, section 3):
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 from env.problems import Problem
 from env.provers.base import CheckResult, Message, SearchHit, ToolNames
+from env.provers.rocq_install import coq_install
 from env.provers.rocq_text import ATTEMPT, header_requires, parse_messages, uses_cheat_words
 from env.provers.rocq_trusted import TrustedCheck, failure_message, outcome_status, trusted_check
 from env.provers.rocq_worker import WarmOutcome, WorkerError, WorkerPool
@@ -38,21 +37,6 @@ STANDARD_AXIOMS = frozenset({
 })
 
 
-@cache
-def coq_lib_dir() -> Path:
-    """Root of the installed Coq library (`coqc -where`)."""
-    if shutil.which("coqc") is None or shutil.which("coqchk") is None:
-        raise RuntimeError("coqc/coqchk not found: install Coq (Debian: apt-get install coq libcoq-coquelicot)")
-    out = subprocess.run(["coqc", "-where"], capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
-
-
-@cache
-def _ocamlfind_config() -> tuple[Path, ...]:
-    """Coq reads ocamlfind's configuration (outside /usr) to locate its plugins."""
-    return tuple(p for p in (Path("/etc/ocamlfind.conf"), Path("/etc/ocamlfind.conf.d")) if p.exists())
-
-
 class RocqProver:
     name = "rocq"
     file_suffix = ".v"
@@ -65,9 +49,9 @@ class RocqProver:
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.jail = jail
-        self.lib_dir = coq_lib_dir()
-        self.readonly = _ocamlfind_config()
-        self.pool = WorkerPool(size=workers, memory_mb=memory_mb, jail=jail, readonly=self.readonly,
+        self.coq = coq_install()
+        self.lib_dir = self.coq.lib_dir
+        self.pool = WorkerPool(size=workers, memory_mb=memory_mb, jail=jail, coq=self.coq,
                                max_checks=max_checks_per_worker)
 
     def render(self, problem: Problem, proof: str | None = None) -> str:
@@ -105,8 +89,8 @@ class RocqProver:
         scratch = Path(tempfile.mkdtemp(dir=workdir, prefix=".rocq-cold-"))
         try:
             (scratch / f"{ATTEMPT}.v").write_text(source, encoding="utf-8")
-            out = run_jailed(["coqc", "-q", "-Q", ".", "", f"{ATTEMPT}.v"], workdir=scratch, readonly=self.readonly,
-                             timeout_s=timeout_s, memory_mb=self.memory_mb, jail=self.jail)
+            out = run_jailed(["coqc", "-q", "-Q", ".", "", f"{ATTEMPT}.v"], workdir=scratch, readonly=self.coq.mounts,
+                             env=self.coq.environment(), timeout_s=timeout_s, memory_mb=self.memory_mb, jail=self.jail)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         status = outcome_status(out)
@@ -117,7 +101,7 @@ class RocqProver:
 
     def trusted_check(self, source: str, workdir: Path, *, problem: Problem, timeout_s: float) -> TrustedCheck:
         return trusted_check(source, problem, workdir=workdir, timeout_s=timeout_s, memory_mb=self.memory_mb,
-                             jail=self.jail, readonly=self.readonly, standard_axioms=self.standard_axioms)
+                             jail=self.jail, coq=self.coq, standard_axioms=self.standard_axioms)
 
     def search(self, pattern: str, *, max_hits: int = 50) -> list[SearchHit]:
         return rg_search(self.lib_dir, pattern, glob="*.v", max_hits=max_hits)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from env.problems import Problem
 from env.provers.base import Message, StatementCheck, Status
+from env.provers.rocq_install import CoqInstall
 from env.provers.rocq_text import (
     ATTEMPT,
     CHECK,
@@ -78,15 +79,15 @@ def failure_message(status: Status, out: ProcessOutcome, what: str = "the check"
 
 
 def trusted_check(source: str, problem: Problem, *, workdir: Path, timeout_s: float, memory_mb: int, jail: bool,
-                  readonly: tuple[Path, ...], standard_axioms: frozenset[str]) -> TrustedCheck:
+                  coq: CoqInstall, standard_axioms: frozenset[str]) -> TrustedCheck:
     start = time.monotonic()
     deadline = start + timeout_s
     compile_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=".rocq-compile-"))
     check_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=".rocq-trusted-"))
 
     def run(argv: list[str], where: Path) -> ProcessOutcome:
-        return run_jailed(argv, workdir=where, readonly=readonly, timeout_s=max(1.0, deadline - time.monotonic()),
-                          memory_mb=memory_mb, jail=jail)
+        return run_jailed(argv, workdir=where, readonly=coq.mounts, env=coq.environment(),
+                          timeout_s=max(1.0, deadline - time.monotonic()), memory_mb=memory_mb, jail=jail)
 
     def done(status: Status, jailed: bool, **kw) -> TrustedCheck:
         return TrustedCheck(status, elapsed_s=time.monotonic() - start, jailed=jailed, **kw)

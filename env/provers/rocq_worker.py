@@ -14,7 +14,6 @@ share of checks is killed and replaced.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -22,7 +21,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,8 +30,9 @@ from pathlib import Path
 
 from env.process import OUTPUT_LIMIT_BYTES, CappedBuffer, pump
 from env.provers.base import Message, Status
+from env.provers.rocq_install import CoqInstall
 from env.provers.rocq_text import LineIndex, is_stateful, parse_toplevel, split_sentences
-from env.sandbox import OOM_FRACTION, jailed_command, kill_group, rlimits
+from env.sandbox import OOM_FRACTION, PeakMemory, jailed_command, kill_group, rlimits
 
 START_TIMEOUT_S = 120.0
 RESET_TIMEOUT_S = 30.0
@@ -60,20 +61,20 @@ class _Reply:
 
 
 class CoqtopWorker:
-    def __init__(self, requires: tuple[str, ...], *, memory_mb: int, jail: bool, readonly: Sequence[Path],
+    def __init__(self, requires: tuple[str, ...], *, memory_mb: int, jail: bool, coq: CoqInstall, scratch_root: Path,
                  output_limit: int = OUTPUT_LIMIT_BYTES) -> None:
         self.requires = requires
         self.memory_mb = memory_mb
         self.output_limit = output_limit
         self.checks = 0
-        self.peak_rss_mb = 0.0  # known once the process has ended
-        self.scratch = Path(tempfile.mkdtemp(prefix="fd-coqtop-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix="worker-", dir=scratch_root))
         cmd, cwd, env, self.jailed = jailed_command(["coqtop", "-q", "-emacs", "-Q", ".", ""], workdir=self.scratch,
-                                                    readonly=readonly, jail=jail)
+                                                    readonly=coq.mounts, env=coq.environment(), jail=jail)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=rlimits(cpu_s=None, memory_mb=memory_mb))
         self.alive = True
+        self.memory = PeakMemory(self.proc, self.jailed)
         boot = "Set Silent.\n" + "".join(r + "\n" for r in requires)
         reply = self._send(boot, time.monotonic() + START_TIMEOUT_S)
         if reply.prompt is None or reply.prompt[3].strip():
@@ -83,7 +84,6 @@ class CoqtopWorker:
             self.close()
             raise WorkerError(f"the header's requires failed in coqtop: {reply.text.strip()[-500:]}")
         self.state = reply.prompt[2]
-        self.pid = self._coqtop_pid()
 
     # -- one check -------------------------------------------------------------------------
     def check(self, source: str, timeout_s: float) -> WarmOutcome:
@@ -146,7 +146,7 @@ class CoqtopWorker:
         if ending == "limit":
             messages.append(Message("error", "the check printed more output than allowed and was stopped"))
             return "error"
-        oom = self.peak_rss_mb >= OOM_FRACTION * self.memory_mb
+        oom = self.memory.peak_mb >= OOM_FRACTION * self.memory_mb
         messages.append(Message("error", "the check ran out of memory" if oom else
                                 f"the prover crashed (exit status {self.proc.returncode})"))
         return "oom" if oom else "crash"
@@ -167,7 +167,7 @@ class CoqtopWorker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         pumped = pump(self.proc.stdin.fileno(), self.proc.stdout.fileno(), send=data,
                       markers=(nonce.encode(), b"</prompt>"), deadline=deadline,
-                      limit=self.output_limit if limit is None else max(0, limit))
+                      limit=self.output_limit if limit is None else max(0, limit), tick=self.memory.poll, tick_s=0.05)
         out = pumped.output.text()
         if pumped.ending != "markers":
             self.close()
@@ -179,29 +179,9 @@ class CoqtopWorker:
         return _Reply("markers", out[:cut], prompts[-1] if prompts else None, pumped.output.total)
 
     # -- health -------------------------------------------------------------------------------
-    def _coqtop_pid(self) -> int:
-        """coqtop's own pid: the jail's first process (bubblewrap's child), or the child itself."""
-        if not self.jailed:
-            return self.proc.pid
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        for _ in range(100):
-            try:
-                pids = children.read_text().split()
-            except OSError:
-                pids = []
-            if pids:
-                return int(pids[0])
-            time.sleep(0.02)
-        return self.proc.pid
-
     def _near_memory_cap(self, fraction: float = OOM_FRACTION) -> bool:
         """Peak resident memory (from the kernel) against the cap: how out-of-memory is told apart."""
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except (OSError, AttributeError):
-            return False
-        m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-        return m is not None and int(m[1]) / 1024 >= fraction * self.memory_mb
+        return self.memory.poll() >= fraction * self.memory_mb
 
     def _clear_scratch(self) -> None:
         for path in self.scratch.iterdir() if self.scratch.exists() else ():
@@ -217,9 +197,7 @@ class CoqtopWorker:
             for stream in (self.proc.stdin, self.proc.stdout):
                 if stream is not None:
                     stream.close()
-            _, status, usage = os.wait4(self.proc.pid, 0)
-            self.proc.returncode = os.waitstatus_to_exitcode(status)
-            self.peak_rss_mb = usage.ru_maxrss / 1024
+            self.proc.wait()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -231,9 +209,8 @@ class WorkerPool:
     often run in short-lived threads.
     """
 
-    def __init__(self, *, size: int, memory_mb: int, jail: bool, readonly: Sequence[Path],
-                 max_checks: int = 200) -> None:
-        self.size, self.memory_mb, self.jail, self.readonly = size, memory_mb, jail, tuple(readonly)
+    def __init__(self, *, size: int, memory_mb: int, jail: bool, coq: CoqInstall, max_checks: int = 200) -> None:
+        self.size, self.memory_mb, self.jail, self.coq = size, memory_mb, jail, coq
         self.max_checks = max_checks
         self._cond = threading.Condition()
         self._idle: list[CoqtopWorker] = []
@@ -241,6 +218,8 @@ class WorkerPool:
         self._count = 0
         self._closed = False
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coqtop-spawner")
+        self._root = Path(tempfile.mkdtemp(prefix="fd-coqtop-"))  # the workers' scratch directories
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self._root), True)
 
     @contextmanager
     def worker(self, requires: tuple[str, ...]) -> Iterator[CoqtopWorker]:
@@ -274,7 +253,7 @@ class WorkerPool:
                 self._cond.wait()
         try:
             w = self._spawner.submit(CoqtopWorker, requires, memory_mb=self.memory_mb, jail=self.jail,
-                                     readonly=self.readonly).result()
+                                     coq=self.coq, scratch_root=self._root).result()
         except BaseException:
             with self._cond:
                 self._count -= 1
@@ -295,6 +274,8 @@ class WorkerPool:
             else:
                 self._count -= 1
             self._cond.notify_all()
+            if self._closed and not self._busy:
+                self._remove()
 
     def close(self) -> None:
         with self._cond:
@@ -305,3 +286,5 @@ class WorkerPool:
         for w in idle:
             w.close()
         self._spawner.shutdown(wait=False)
+        if not self._busy:
+            self._remove()

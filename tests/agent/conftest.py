@@ -20,6 +20,7 @@ class ScriptedBackend:
         self.script = script
         self.end_of_turn_id = end_of_turn_id
         self.policy_version = 0
+        self.generated_tokens = 0
         self.calls = 0
 
     async def generate(self, prompt_ids, params: SamplingParams) -> Generation:
@@ -27,12 +28,13 @@ class ScriptedBackend:
         turn = prompt.count("<|im_start|>assistant")
         self.calls += 1
         ids = self.tokenizer.encode(self.script(prompt, turn), add_special_tokens=False) + [self.end_of_turn_id]
+        self.generated_tokens += min(len(ids), params.max_new_tokens)
         if len(ids) > params.max_new_tokens:
             return Generation(ids[: params.max_new_tokens], [-1.0] * params.max_new_tokens, "length")
         return Generation(ids, [-0.5] * len(ids), "stop")
 
-    def update_weights(self, state_dict) -> None:
-        self.policy_version += 1
+    def update_weights(self, state_dict, version) -> None:
+        self.policy_version = version
 
     def close(self) -> None:
         pass

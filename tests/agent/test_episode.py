@@ -68,3 +68,22 @@ def test_concurrent_writers_leave_whole_lines(tmp_path):
         t.join()
     assert sorted(e.episode_id for e in read_episodes(tmp_path / "ep.jsonl")) == sorted(
         f"e{k * 100 + j}" for k in range(4) for j in range(20))
+
+
+@pytest.mark.parametrize("torn_bytes", [1, 70_000])  # a short fragment, and one longer than a read block
+def test_appending_after_a_torn_last_line_keeps_every_complete_record(tmp_path, torn_bytes):
+    path = tmp_path / "ep.jsonl"
+    EpisodeWriter(path).write(make_episode(0))
+    with path.open("ab") as f:  # a run killed in the middle of its next write
+        f.write(make_episode(1, messages=[{"role": "user", "content": "y" * torn_bytes}]).to_json()
+                .encode()[:torn_bytes + 20])
+    EpisodeWriter(path).write(make_episode(2))  # the next run appends to the same log
+    assert [e.episode_id for e in read_episodes(path)] == ["e0", "e2"]
+    assert path.read_text().endswith("\n")
+
+
+def test_a_torn_only_record_is_dropped_whole(tmp_path):
+    path = tmp_path / "ep.jsonl"
+    path.write_bytes(b'{"episode_id": "e9", "tor')
+    EpisodeWriter(path).write(make_episode(0))
+    assert [e.episode_id for e in read_episodes(path)] == ["e0"]

@@ -372,7 +372,11 @@ class RecordingBackend:
         self.prompts.append(list(prompt_ids))
         return await self.inner.generate(prompt_ids, params)
 
-    def update_weights(self, state_dict) -> None:
+    @property
+    def generated_tokens(self) -> int:
+        return self.inner.generated_tokens
+
+    def update_weights(self, state_dict, version) -> None:
         raise NotImplementedError("a frozen feedback model")
 
     def close(self) -> None:
@@ -383,6 +387,7 @@ class FixedBackend:
     """Returns the ids of a fixed text: for checking what SelfFeedback does with the model's output."""
 
     policy_version = 0
+    generated_tokens = 0
 
     def __init__(self, token_ids: list[int], finish_reason: str = "stop") -> None:
         self.token_ids, self.finish_reason = token_ids, finish_reason
@@ -390,7 +395,7 @@ class FixedBackend:
     async def generate(self, prompt_ids, params: SamplingParams) -> Generation:
         return Generation(self.token_ids, [0.0] * len(self.token_ids), self.finish_reason)  # type: ignore[arg-type]
 
-    def update_weights(self, state_dict) -> None: ...
+    def update_weights(self, state_dict, version) -> None: ...
 
     def close(self) -> None: ...
 

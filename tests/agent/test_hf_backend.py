@@ -70,14 +70,26 @@ def test_update_weights_changes_outputs_and_version(backend, tiny_model):
     original = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     try:
         torch.manual_seed(0)
-        backend.update_weights({k: v + 0.5 * torch.randn_like(v) for k, v in original.items()})
-        assert backend.policy_version == 1
+        backend.update_weights({k: v + 0.5 * torch.randn_like(v) for k, v in original.items()}, version=3)
+        assert backend.policy_version == 3  # the caller's step count, not a count of updates
         after = run(backend.generate(PROMPTS[1], params))
         assert after.token_ids != before.token_ids
         with pytest.raises(ValueError, match="unknown weights"):
-            backend.update_weights({"not.a.weight": torch.zeros(1)})
+            backend.update_weights({"not.a.weight": torch.zeros(1)}, version=4)
+        assert backend.policy_version == 3
     finally:
         tiny_model.load_state_dict(original)
+
+
+def test_generated_tokens_count_every_sampled_token(backend):
+    start = backend.generated_tokens
+    params = SamplingParams(max_new_tokens=7, seed=1)
+
+    async def together():
+        return await asyncio.gather(*(backend.generate(p, params) for p in PROMPTS))
+
+    gens = run(together())
+    assert backend.generated_tokens - start == sum(len(g.token_ids) for g in gens)
 
 
 def test_empty_prompt_is_an_error(backend):

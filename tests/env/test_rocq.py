@@ -4,6 +4,9 @@ The adversarial suite (attempts that try to be judged solved without a proof) is
 `test_rocq_adversarial.py`.
 """
 
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -162,9 +165,49 @@ def test_file_cannot_write_or_read_outside_its_sandbox(rocq, tmp_path):
     assert not any(p.name.startswith("fd_escape") for p in Path("/tmp").iterdir())
 
 
+def test_coq_installed_outside_usr_runs_in_the_jail(monkeypatch, tmp_path):
+    """opam and hand-unpacked prefixes: the jail must show their binaries and get their variables."""
+    import os
+
+    from env.provers import rocq_install
+
+    prefix = tmp_path / "coq" / "bin"
+    prefix.mkdir(parents=True)
+    for name in rocq_install.PROGRAMS:
+        try:
+            os.link(f"/usr/bin/{name}", prefix / name)
+        except OSError:
+            shutil.copy2(f"/usr/bin/{name}", prefix / name)
+    plugins = tmp_path / "ocamlpath"
+    plugins.mkdir()
+    monkeypatch.setenv("PATH", f"{prefix}:{os.environ['PATH']}")
+    monkeypatch.setenv("OCAMLPATH", f"{plugins}:/usr/lib/ocaml")
+    rocq_install.coq_install.cache_clear()
+    try:
+        coq = rocq_install.coq_install()
+        assert prefix in coq.mounts and plugins in coq.mounts and not any(m.is_relative_to("/usr") for m in coq.mounts)
+        env = coq.environment()
+        assert env["PATH"].startswith(f"{prefix}:") and env["OCAMLPATH"].startswith(str(plugins))
+        prover = RocqProver(timeout_s=30, memory_mb=2048)
+        try:
+            assert check(prover, prover.render(PROBLEM))[1].solved
+        finally:
+            prover.close()
+    finally:
+        rocq_install.coq_install.cache_clear()
+
+
 def test_search_finds_stdlib_lemmas(rocq):
     hits = rocq.search(r"Lemma Rplus_comm\b")
     assert any(h.path.endswith("Raxioms.v") and "Rplus_comm" in h.text for h in hits)
+
+
+def test_search_of_everything_is_cut_short(rocq):
+    from env.sandbox import SandboxError
+
+    assert len(rocq.search(".", max_hits=30)) == 30  # ripgrep is stopped once enough output has come
+    with pytest.raises(SandboxError, match="invalid pattern"):
+        rocq.search("(")
 
 
 def test_workers_outlive_the_threads_that_asked_for_them():
@@ -182,6 +225,17 @@ def test_workers_outlive_the_threads_that_asked_for_them():
         assert prover.pool._idle == [worker]
     finally:
         prover.close()
+
+
+def test_nothing_is_left_in_tmp_by_a_process_that_never_closed_its_prover(tmp_path):
+    code = ("import sys; from env.provers.rocq import RocqProver; from env.sandbox import EpisodeDir; "
+            "p = RocqProver(); d = EpisodeDir(); print(d.root, p.pool._root); "
+            "sys.exit(p.check('Goal True. exact I. Qed.', d.root).status != 'ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    episode, scratch = map(Path, proc.stdout.split())
+    assert not episode.exists() and not scratch.exists()
 
 
 def test_close_stops_the_workers():

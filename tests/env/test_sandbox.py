@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -94,6 +95,26 @@ def test_timeout_kills_the_process(box):
     out = run_jailed([sys.executable, "-c", "while True: pass"], workdir=box.root, timeout_s=1.5, memory_mb=None,
                      readonly=[_python_prefix()])
     assert out.timed_out and out.elapsed_s < 10
+
+
+@pytest.mark.parametrize("jail", [pytest.param(True, marks=needs_jail), False])
+def test_timeout_kills_everything_the_process_started(box, jail):
+    late = "import time; time.sleep(2); open('late.txt', 'w').write('x')"
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {late!r}]); time.sleep(60)"
+    out = run_jailed([sys.executable, "-c", script], workdir=box.root, timeout_s=1, memory_mb=None,
+                     readonly=[_python_prefix()], jail=jail)
+    assert out.timed_out and out.returncode is None and out.jailed == jail
+    time.sleep(3)
+    assert not (box.root / "late.txt").exists()
+
+
+def test_out_of_memory_comes_from_the_limit_not_the_words(box):
+    said = run_jailed([sys.executable, "-c", "import sys; print('MemoryError: Cannot allocate memory'); sys.exit(1)"],
+                      workdir=box.root, timeout_s=30, memory_mb=512, readonly=[_python_prefix()])
+    assert said.returncode == 1 and not said.out_of_memory
+    grew = run_jailed([sys.executable, "-c", "x = [bytearray(1024 * 1024) for _ in range(2000)]"],
+                      workdir=box.root, timeout_s=30, memory_mb=512, readonly=[_python_prefix()])
+    assert grew.returncode != 0 and grew.out_of_memory and grew.peak_rss_mb > 0.6 * 512
 
 
 def test_memory_cap(box):
