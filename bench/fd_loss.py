@@ -1,11 +1,16 @@
-"""Peak memory and time of the FD loss: chunked (ours) vs materialised full-vocabulary logits.
+"""The FD LM head alone: ours (fused) vs full fp32 logits vs liger-kernel, time and peak memory.
 
-    python bench/fd_loss.py [--tokens 8192] [--vocab 151936] [--hidden 4096] [--device cuda]
+    python bench/fd_loss.py [--tokens 8192] [--vocab 151936] [--hidden 2048] [--chunk 1024] [--device cuda]
 
-Both compute the same loss and gradient for one sequence: the student's LM head applied
-to N hidden states, teacher top-K = 25. "naive" builds the [N, V] fp32 logits at once,
-as a straightforward implementation would; "chunked" is `trainer.losses.fd_loss`.
-Prints peak extra memory (CUDA allocator on GPU; not measured on CPU) and wall time.
+Each variant does what one FD micro-batch does at the head: score the teacher's hidden
+states (top 25 of the full softmax), then the student loss, forward and backward, for
+`--tokens` positions of one sequence (bf16 on GPU, fp32 on CPU):
+    ours    `trainer.losses.teacher_topk` + `fd_loss` (the fused head: 3 student head matmuls)
+    naive   [N, V] fp32 logits at once for teacher and student, plain autograd
+    liger   liger-kernel's fused linear JSD with beta = 0 (forward KL over the FULL vocabulary,
+            teacher logits recomputed inside; same matmuls, not the same loss), when installed
+Prints the best time over `--repeats` (after one warm-up run, which also compiles) and the
+peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,59 +27,93 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
 
-
-def naive(hidden, weight, ids, probs):
-    logp = torch.log_softmax((hidden @ weight.T).float(), -1)
-    return -(probs * logp.gather(1, ids)).sum()
+K = 25
 
 
-def measure(fn, device) -> tuple[float, float]:
+def ours(hidden, weight, t_hidden, t_weight, chunk):
+    ids, probs = teacher_topk(t_hidden, t_weight, k=K, chunk=chunk)
+    return fd_loss(hidden, weight, ids, probs, None, chunk=chunk)[0]
+
+
+def naive(hidden, weight, t_hidden, t_weight, chunk):
+    with torch.no_grad():
+        probs, ids = torch.softmax((t_hidden @ t_weight.T).float(), -1).topk(K, dim=-1)
+    logq = torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, ids)
+    return -(probs * logq).sum()
+
+
+def liger(hidden, weight, t_hidden, t_weight, chunk):
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    return LigerFusedLinearJSD(jsd_beta=0.0)(hidden, weight, t_hidden, t_weight, None)
+
+
+def variants() -> dict[str, Callable]:
+    found = {"ours": ours, "naive": naive}
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return found
+    return {**found, "liger": liger}
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, float]:
+    """Seconds and peak GiB above what was allocated before, for fn() and its backward."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    loss = fn()
-    loss.backward()
+    fn().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
         return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) / 2**30
     return time.perf_counter() - start, float("nan")
 
 
+def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: torch.device,
+              repeats: int) -> dict[str, tuple[float, float]]:
+    """{variant: (best seconds, peak GiB)} for one FD head step of `tokens` positions."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    weight = (0.02 * torch.randn(vocab, hidden_size, generator=g, device=device)).to(dtype).requires_grad_()
+    t_weight = (weight.detach() + 0.01 * torch.randn(vocab, hidden_size, generator=g, device=device)).to(dtype)
+    hidden = torch.randn(tokens, hidden_size, generator=g, device=device).to(dtype).requires_grad_()
+    t_hidden = (hidden.detach() + 0.1 * torch.randn(tokens, hidden_size, generator=g, device=device)).to(dtype)
+    rows = {}
+    for name, variant in variants().items():
+        results = []
+        for _ in range(repeats + 1):
+            hidden.grad = weight.grad = None
+            try:
+                results.append(measure(lambda v=variant: v(hidden, weight, t_hidden, t_weight, chunk), device))
+            except torch.OutOfMemoryError:
+                results.append((float("nan"), float("inf")))
+        hidden.grad = weight.grad = None
+        timed = results[1:]  # the first run warms up (and compiles)
+        rows[name] = (min(t for t, _ in timed), max(p for _, p in timed))
+    return rows
+
+
+def print_rows(rows: dict[str, tuple[float, float]], label: str) -> None:
+    base_t, base_m = rows["ours"]
+    for name, (t, m) in rows.items():
+        print(f"head {label} {name:6s} {1000 * t:9.1f} ms  peak {m:6.2f} GiB  "
+              f"time/ours {t / base_t:5.2f}  memory/ours {m / base_m:5.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    weight = (torch.randn(args.vocab, args.hidden, device=device) * 0.02).to(dtype).requires_grad_()
-    hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype).requires_grad_()
-    ids, probs = teacher_topk(hidden.detach() + 0.1, weight.detach(), k=25, chunk=args.chunk)
-    mask = torch.ones(args.tokens, device=device)
-    rows = {}
-    for name, fn in [("chunked", lambda: fd_loss(hidden, weight, ids, probs, mask, chunk=args.chunk)[0]),
-                     ("naive", lambda: naive(hidden, weight, ids, probs))]:
-        times, peaks = [], []
-        for _ in range(args.repeats):
-            hidden.grad = weight.grad = None
-            try:
-                t, peak = measure(fn, device)
-            except torch.OutOfMemoryError:
-                t, peak = float("nan"), float("inf")
-            times.append(t)
-            peaks.append(peak)
-        rows[name] = (min(times), max(peaks))
-        print(f"{name:8s} time {rows[name][0]:.3f} s  peak extra memory {rows[name][1]:.2f} GiB")
-    print(f"device={device} tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} chunk={args.chunk}")
-    print(f"naive/chunked: time {rows['naive'][0] / rows['chunked'][0]:.2f}, "
-          f"memory {rows['naive'][1] / rows['chunked'][1]:.2f}")
+    rows = head_rows(args.tokens, args.vocab, args.hidden, args.chunk, device, args.repeats)
+    print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={args.chunk} {device}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ row has met its stop condition, sampling each row with its own temperature, top-
 seed. Logprobs are those of the distribution actually sampled from (after temperature
 and top-p). Requests that arrive during a batch go into the next one (static batching;
 continuous batching is the vLLM backend's job).
+
+Everything per step stays on the model's device: only the last position's logits are
+computed, the whole batch is sampled at once (`_Sampler`, one generator per request), and
+the host reads the new tokens of all rows in one transfer to check stop conditions.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ class TransformersBackend:
         self._cv = threading.Condition()  # guards the queue; held only briefly, also by the event loop
         self._weights = threading.Lock()  # held while a batch runs
         self._closed = False
-        self._rng = torch.Generator().manual_seed(seed)
+        self._rng = torch.Generator().manual_seed(seed)  # seeds for requests without one
+        # On a GPU the host reads the sampled tokens every 8 steps, so later steps queue up behind the
+        # running one; on the CPU nothing runs ahead, and a finished batch stops at once.
+        self._check_every = 1 if self.device.type == "cpu" else 8
         # transformers renamed `past_key_values` to `cache` (5.2x); use what this version's model takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._thread = threading.Thread(target=self._serve, name="hf-generate", daemon=True)
@@ -96,42 +103,50 @@ class TransformersBackend:
     def _run_batch(self, batch: list[_Request]) -> list[Generation]:
         n = len(batch)
         width = max(len(r.prompt_ids) for r in batch)
-        pad = 0
-        ids = torch.full((n, width), pad, dtype=torch.long)
+        ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(batch):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        gens = [_generator(r.params.seed, self._rng) for r in batch]
+        sampler = _Sampler([r.params for r in batch], [self._generator(r.params.seed) for r in batch], self.device)
+        max_new = max(r.params.max_new_tokens for r in batch)
+        tokens = torch.zeros((n, max_new), dtype=torch.long, device=self.device)
+        logprobs = torch.zeros((n, max_new), dtype=torch.float32, device=self.device)
         out_ids: list[list[int]] = [[] for _ in batch]
         out_lp: list[list[float]] = [[] for _ in batch]
         finish: list[str | None] = [None] * n
-        cache = None
-        step_ids, step_pos = ids, positions
-        max_new = max(r.params.max_new_tokens for r in batch)
-        for _ in range(max_new):
+        cache, step_ids, step_pos, seen = None, ids, positions, 0
+        for step in range(max_new):
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                             **{self._cache_kw: cache})
+                             logits_to_keep=1, **{self._cache_kw: cache})
             cache = out[self._cache_kw]
-            logits = out.logits[:, -1, :].float()
-            next_ids = torch.full((n,), pad, dtype=torch.long)
-            for i, r in enumerate(batch):
-                if finish[i] is not None:
-                    continue
-                token, logprob = _sample(logits[i], r.params, gens[i])
-                self.generated_tokens += 1
-                out_ids[i].append(token)
-                out_lp[i].append(logprob)
-                next_ids[i] = token
-                finish[i] = self._finished(r.params, out_ids[i])
-            if all(f is not None for f in finish):
-                break
-            step_ids = next_ids.to(self.device).unsqueeze(1)
+            tokens[:, step], logprobs[:, step] = sampler(out.logits[:, -1, :])
+            if (step + 1) % self._check_every == 0 or step + 1 == max_new:
+                # The one host round trip: the new tokens of every row. Rows go on past their end until
+                # here; what they sample then is dropped and changes no other row.
+                for i, (row_ids, row_lp) in enumerate(zip(tokens[:, seen: step + 1].tolist(),
+                                                          logprobs[:, seen: step + 1].tolist(), strict=True)):
+                    for token, lp in zip(row_ids, row_lp, strict=True):
+                        if finish[i] is None:
+                            self.generated_tokens += 1
+                            out_ids[i].append(token)
+                            out_lp[i].append(lp)
+                            finish[i] = self._finished(batch[i].params, out_ids[i])
+                seen = step + 1
+                if all(f is not None for f in finish):
+                    break
+            step_ids = tokens[:, step: step + 1]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
         return [Generation(out_ids[i], out_lp[i], finish[i] or "length") for i in range(n)]
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """A request's own generator, on the model's device: its tokens depend on its seed alone."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _finished(self, params: SamplingParams, ids: list[int]) -> str | None:
         if ids[-1] in params.stop_token_ids:
@@ -145,26 +160,42 @@ class TransformersBackend:
         return None
 
 
-def _generator(seed: int | None, shared: torch.Generator) -> torch.Generator:
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=shared))
-    return torch.Generator().manual_seed(seed)
+class _Sampler:
+    """One token per row from softmax(logits / T) restricted to the top-p nucleus, for the whole batch on
+    the device, with each row's log-probability under that distribution; greedy rows (T <= 0) take the
+    argmax with log-probability 0.
 
+    A row samples by the exponential race: argmax(p / E) with E ~ Exp(1) drawn over the vocabulary from
+    the row's own generator, which is how `torch.multinomial` draws one sample; so on the CPU the tokens
+    are those of `torch.multinomial(p, 1, generator)` for the same seed, and on a GPU they follow the
+    seed through the GPU's generator.
+    """
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
-    """One token from softmax(logits / T) restricted to the top-p nucleus, with its log-probability."""
-    if params.temperature <= 0:  # greedy: the sampling distribution is a point mass
-        return int(torch.argmax(logits)), 0.0
-    logprobs = torch.log_softmax(logits / params.temperature, -1)
-    if params.top_p < 1.0:
-        sorted_lp, order = torch.sort(logprobs, descending=True)
-        cumulative = sorted_lp.exp().cumsum(-1)
-        drop = cumulative - sorted_lp.exp() >= params.top_p  # keep the smallest prefix reaching top_p
-        sorted_lp[drop] = float("-inf")
-        logprobs = torch.full_like(logprobs, float("-inf")).scatter(0, order, sorted_lp)
-        logprobs = torch.log_softmax(logprobs, -1)
-    token = int(torch.multinomial(logprobs.exp().cpu(), 1, generator=gen))
-    return token, float(logprobs[token])
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator], device: torch.device):
+        self.greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
+        self.temperature = torch.tensor([[p.temperature if p.temperature > 0 else 1.0] for p in params],
+                                        device=device)
+        self.top_p = torch.tensor([[p.top_p] for p in params], device=device)
+        self.nucleus = torch.tensor([[p.top_p < 1.0] for p in params], device=device)
+        self.any_nucleus = any(p.top_p < 1.0 and p.temperature > 0 for p in params)
+        self.draws = [(i, g) for i, (p, g) in enumerate(zip(params, generators, strict=True)) if p.temperature > 0]
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, V] logits -> tokens [n] and their log-probabilities [n], on the device."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits / self.temperature, -1)
+        if self.any_nucleus:
+            sorted_lp, order = torch.sort(logprobs, descending=True)
+            p = sorted_lp.exp()
+            drop = p.cumsum(-1) - p >= self.top_p  # keep the smallest prefix reaching top_p
+            kept = torch.full_like(logprobs, float("-inf"))
+            kept.scatter_(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+            logprobs = torch.where(self.nucleus, torch.log_softmax(kept, -1), logprobs)
+        race = torch.ones_like(logprobs)
+        for i, generator in self.draws:
+            race[i].exponential_(1, generator=generator)
+        tokens = torch.where(self.greedy, logits.argmax(-1), (logprobs.exp() / race).argmax(-1))
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0].masked_fill(self.greedy, 0.0)
 
 
 def _resolve(future: asyncio.Future, result: Generation | BaseException) -> None:

@@ -1,6 +1,8 @@
 """The trainer's math and the transformers backend on an NVIDIA GPU (bf16), against CPU float64.
 
-Run where CUDA is available: `python -m pytest -m gpu`.
+Run where CUDA is available: `python -m pytest -m gpu`. These cover what only a GPU runs: the
+compiled row kernels of the fused LM head, the packed attention on flash kernels, sampling
+with CUDA generators and the host reading tokens every few steps.
 """
 
 import asyncio
@@ -9,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.trainer.test_batches import backward, random_sequences, student_and_teacher
+from tests.trainer.test_batches import backward, grads, padded_backward, random_sequences, student_and_teacher
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")]
@@ -30,22 +32,83 @@ def test_bf16_gpu_step_matches_float64_cpu(tiny_model, algorithm):
     assert gpu_norm == pytest.approx(cpu_norm, rel=5e-2, abs=1e-4)
 
 
+@pytest.mark.parametrize("loss_fn", ["fd", "grpo"])
+def test_fused_head_compiled_on_gpu_matches_float64(loss_fn):
+    """bf16 logits and gradient chunks through the compiled row kernels, against the float64 CPU value."""
+    from trainer import lm_head
+    from trainer.losses import fd_loss, grpo_head_loss, teacher_topk
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 3000, 64, 5000  # three chunks, the last one shorter
+    hidden, weight = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g,
+                                                                                   dtype=torch.float64) / 4
+    ids, probs = teacher_topk(hidden + 0.3 * torch.randn(n, h, generator=g, dtype=torch.float64), weight, k=25)
+    targets, adv = ids[:, 3], torch.randn(n, generator=g, dtype=torch.float64)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.bfloat16)):
+        x = hidden.detach().to(device, dtype).requires_grad_()
+        w = weight.detach().to(device, dtype).requires_grad_()
+        if loss_fn == "fd":
+            loss, stats = fd_loss(x, w, ids.to(device), probs.to(device), None, chunk=1024)
+        else:
+            loss, stats = grpo_head_loss(x, w, targets.to(device), None, adv.to(device), None, chunk=1024)
+        loss.backward()
+        results.append((float(loss), stats["entropy_sum"], x.grad.double().cpu(), w.grad.double().cpu()))
+    assert lm_head._compiled  # the CUDA run went through torch.compile
+    (loss64, ent64, gx64, gw64), (loss16, ent16, gx16, gw16) = results
+    assert loss16 == pytest.approx(loss64, rel=2e-2) and ent16 == pytest.approx(ent64, rel=2e-2)
+    assert float((gx16 - gx64).norm() / gx64.norm()) < 3e-2
+    assert float((gw16 - gw64).norm() / gw64.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_packed_equals_padded_on_gpu(tiny_model, algorithm):
+    """The packed attention's per-sequence SDPA against padded rows, on CUDA kernels (fp32: tight tolerance)."""
+    student, teacher = student_and_teacher(tiny_model)
+    student, teacher = student.to("cuda", torch.float32), teacher.to("cuda", torch.float32)
+    sequences = random_sequences(student.config.vocab_size)
+    want_loss = padded_backward(algorithm, student, teacher, sequences)
+    want = grads(student)
+    student.zero_grad()
+    stats = backward(algorithm, student, teacher, sequences, token_budget=10_000, chunk=16)
+    assert stats["loss_sum"] == pytest.approx(want_loss, rel=1e-4)
+    for a, b in zip(grads(student), want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_transformers_backend_on_gpu(tiny_model, qwen_tokenizer):
+    """Batched == alone for the same seeds; other seeds, other tokens; stops exact though the host reads the
+    tokens every 8 steps; greedy as `generate`."""
     from agent.backends.base import SamplingParams
     from agent.backends.hf import TransformersBackend
 
-    backend = TransformersBackend(copy.deepcopy(tiny_model).cuda(), qwen_tokenizer)
+    model = copy.deepcopy(tiny_model).cuda()
+    backend = TransformersBackend(model, qwen_tokenizer)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=3)
 
-    async def together():
-        return await asyncio.gather(*(backend.generate(p, params) for p in prompts))
+    async def together(ps):
+        return await asyncio.gather(*(backend.generate(p, q) for p, q in ps))
 
     try:
-        batched = asyncio.run(together())
+        assert backend._check_every == 8
+        batched = asyncio.run(together([(p, params) for p in prompts]))
         alone = [asyncio.run(backend.generate(p, params)) for p in prompts]
+        other = asyncio.run(backend.generate(prompts[0], SamplingParams(temperature=1.0, max_new_tokens=16, seed=4)))
+        stop = batched[0].token_ids[2]
+        stopped, short = asyncio.run(together([
+            (prompts[0], SamplingParams(temperature=1.0, max_new_tokens=16, seed=3, stop_token_ids=(stop,))),
+            (prompts[0], SamplingParams(temperature=1.0, max_new_tokens=5, seed=3))]))
+        greedy = asyncio.run(backend.generate(prompts[1], SamplingParams(temperature=0.0, max_new_tokens=6)))
     finally:
         backend.close()
     for a, b in zip(batched, alone, strict=True):
         assert len(a.token_ids) == 16 and a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+    assert other.token_ids != batched[0].token_ids
+    first = batched[0].token_ids.index(stop)
+    assert stopped.token_ids == batched[0].token_ids[: first + 1] and stopped.finish_reason == "stop"
+    assert short.token_ids == batched[0].token_ids[:5] and short.finish_reason == "length"
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompts[1]], device="cuda"), max_new_tokens=6, do_sample=False)
+    assert greedy.token_ids == want[0, 6:].tolist()

@@ -1,4 +1,5 @@
-"""trainer/losses.py against slow, obvious references (full logits, explicit loops), in float64."""
+"""trainer/losses.py and trainer/lm_head.py against slow, obvious references (full logits, explicit loops),
+in float64; the fused head also against the checkpointed one and in bf16/fp32."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import torch
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.losses import chunked_token_stats, fd_loss, group_advantages, grpo_loss, k3_kl, teacher_topk
+from trainer import lm_head
+from trainer.losses import (
+    chunked_token_stats,
+    fd_loss,
+    group_advantages,
+    grpo_head_loss,
+    grpo_loss,
+    k3_kl,
+    teacher_topk,
+)
 
 F64 = torch.float64
 N, H, V, K = 37, 8, 50, 5
@@ -245,6 +255,217 @@ def test_fd_loss_without_tokens_is_zero_and_still_backpropagates():
     loss.backward()  # every rank must run backward, even on a micro-batch with nothing to learn
     assert loss.item() == 0.0 and stats["tokens"] == 0.0
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, N])
+def test_token_stats_without_gradient_match_reference(chunk):
+    """The no-grad path (the GRPO reference) runs the fused row kernels instead of a checkpoint."""
+    hidden, weight = _student()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logprobs, entropy = chunked_token_stats(hidden, weight, targets, chunk=chunk)
+    ref_logprobs, ref_entropy = _ref_token_stats(hidden.detach(), weight.detach(), targets)
+    assert_close(logprobs, ref_logprobs)
+    assert_close(entropy, ref_entropy)
+
+
+# ---------------------------------------------------------------- the fused head: FD
+
+
+def _ref_entropy_sum(hidden, weight, mask):
+    return sum(float(-(p * p.log()).sum()) for p in torch.softmax(hidden.detach()[mask] @ weight.detach().T, -1))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, N])
+def test_fd_loss_entropy_and_preselected_positions(chunk):
+    """The student's entropy comes from the loss pass; mask=None means the positions are already selected."""
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    mask = _mask()
+    loss, stats = fd_loss(hidden, weight, ids, probs, mask, chunk=chunk)
+    assert stats["entropy_sum"] == pytest.approx(_ref_entropy_sum(hidden, weight, mask), rel=1e-12)
+    got = _grads(loss, hidden, weight)
+
+    h = hidden.detach()[mask].requires_grad_()
+    loss2, stats2 = fd_loss(h, weight, ids[mask], probs[mask], None, chunk=chunk)
+    assert_close(loss2, loss)
+    assert stats2 == pytest.approx(stats, rel=1e-12)
+    (gh, gw) = _grads(loss2, h, weight)
+    assert_close(gh, got[0][mask])
+    assert (got[0][~mask] == 0).all()
+    assert_close(gw, got[1])
+
+
+def test_fd_loss_repeated_teacher_ids_match_autograd():
+    """Ids from `teacher_topk` are distinct; a caller's repeated id still gets autograd's gradient (summed)."""
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    ids = ids.clone()
+    ids[:, 1] = ids[:, 0]
+    ids[::3, 4] = ids[::3, 0]
+    mask = _mask()
+    loss, _ = fd_loss(hidden, weight, ids, probs, mask, chunk=5)
+    ref = _ref_fd(hidden, weight, ids, probs, mask)
+    assert_close(loss, ref)
+    for g, w in zip(_grads(loss, hidden, weight), _grads(ref, hidden, weight), strict=True):
+        assert_close(g, w)
+
+
+class _MatmulCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_fn", ["fd", "grpo"])
+def test_fused_head_runs_three_matmuls_per_chunk_and_backward_only_scales(loss_fn):
+    """Forward: logits, g @ W and g^T h per chunk; backward: no matmul, the stored gradients times
+    the upstream gradient. (The checkpointed reference needs four per chunk.)"""
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    targets = ids[:, 0]
+    mask, chunk = _mask(), 6
+    n_chunks = math.ceil(int(mask.sum()) / chunk)
+
+    def loss_of():
+        if loss_fn == "fd":
+            return fd_loss(hidden, weight, ids, probs, mask, chunk=chunk)[0]
+        adv = torch.linspace(-1, 1, N, dtype=F64)
+        return grpo_head_loss(hidden, weight, targets, None, adv, mask, chunk=chunk)[0]
+
+    with _MatmulCounter() as forward:
+        loss = loss_of()
+    with _MatmulCounter() as backward:
+        (2.5 * loss).backward()
+    assert forward.count == 3 * n_chunks and backward.count == 0
+    scaled = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    loss_of().backward()
+    assert_close(scaled[0], 2.5 * hidden.grad)
+    assert_close(scaled[1], 2.5 * weight.grad)
+
+    with _MatmulCounter() as reference:
+        chunked_token_stats(hidden, weight, targets, chunk=chunk)[0].sum().backward()
+    assert reference.count == 4 * math.ceil(N / chunk)
+
+
+def test_fused_head_keeps_no_graph_to_retain():
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    loss, _ = fd_loss(hidden, weight, ids, probs, _mask(), chunk=7)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_fused_head_computes_only_the_gradients_asked_for():
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    mask = _mask()
+    frozen = weight.detach()
+    loss, _ = fd_loss(hidden, frozen, ids, probs, mask, chunk=7)
+    (gh,) = _grads(loss, hidden)
+    assert_close(gh, _grads(_ref_fd(hidden, frozen, ids, probs, mask), hidden)[0])
+    with _MatmulCounter() as counter:  # no gradient wanted: the logits alone, no gradient products
+        with torch.no_grad():
+            value, _ = fd_loss(hidden, weight, ids, probs, mask, chunk=7)
+    assert not value.requires_grad and counter.count == math.ceil(int(mask.sum()) / 7)
+    assert_close(value, loss.detach())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fd_loss_in_low_precision_is_close_to_float64(dtype, tol):
+    """bf16 logits and gradient chunks (as on GPU), fp32 softmax: within bf16 rounding of the float64 values."""
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    mask = _mask()
+    ref, _ = fd_loss(hidden, weight, ids, probs, mask, chunk=7)
+    want = _grads(ref, hidden, weight)
+    h, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+    loss, _ = fd_loss(h, w, ids, probs.float(), mask, chunk=7)
+    assert loss.dtype == torch.float32 and h.dtype == dtype
+    assert loss.item() == pytest.approx(ref.item(), rel=tol)
+    for g, x, wnt in zip(_grads(loss, h, w), (h, w), want, strict=True):
+        assert g.dtype == x.dtype
+        assert float((g.double() - wnt).norm() / wnt.norm()) < tol
+
+
+# ---------------------------------------------------------------- the fused head: GRPO
+
+
+def _ref_grpo_head(hidden, weight, targets, ref, adv, mask, chunk=5):
+    logprobs, entropy = chunked_token_stats(hidden, weight, targets, chunk=chunk)
+    loss, stats = grpo_loss(logprobs, logprobs.detach(), ref, adv, mask, clip_eps=0.2, kl_coef=0.1)
+    return loss, {**stats, "entropy_sum": float(entropy[mask.bool()].sum())}
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_grpo_head_loss_matches_unfused(chunk, with_ref):
+    hidden, weight = _student()
+    g = torch.Generator().manual_seed(12)
+    targets = torch.randint(0, V, (N,), generator=g)
+    ref = -3 * torch.rand(N, generator=g, dtype=F64) if with_ref else None
+    adv = torch.randn(N, generator=g, dtype=F64)
+    mask = _mask()
+    loss, stats = grpo_head_loss(hidden, weight, targets, ref, adv, mask, clip_eps=0.2, kl_coef=0.1, chunk=chunk)
+    want, want_stats = _ref_grpo_head(hidden, weight, targets, ref, adv, mask)
+    assert_close(loss, want)
+    assert stats == pytest.approx(want_stats, rel=1e-12)
+    assert ("grpo/kl_sum" in stats) == with_ref
+    for got, expected in zip(_grads(loss, hidden, weight), _grads(want, hidden, weight), strict=True):
+        assert_close(got, expected)
+
+
+def test_grpo_head_loss_micro_batching_and_empty_batches():
+    n = 61
+    hidden, weight = _student(n=n)
+    g = torch.Generator().manual_seed(13)
+    targets = torch.randint(0, V, (n,), generator=g)
+    ref, adv, mask = -3 * torch.rand(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64), _mask(n=n)
+    tokens = mask.sum()
+    loss, stats = grpo_head_loss(hidden, weight, targets, ref, adv, mask, chunk=4)
+    one = _grads(loss / tokens, hidden, weight)
+    totals, grads = {}, [torch.zeros_like(hidden), torch.zeros_like(weight)]
+    for part in torch.arange(n).tensor_split(8):
+        sl = slice(int(part[0]), int(part[-1]) + 1)
+        loss_p, stats_p = grpo_head_loss(hidden[sl], weight, targets[sl], ref[sl], adv[sl], mask[sl], chunk=4)
+        for acc, gr in zip(grads, _grads(loss_p / tokens, hidden, weight), strict=True):
+            acc += gr
+        totals = {k: totals.get(k, 0.0) + v for k, v in stats_p.items()}
+    assert totals == pytest.approx(stats, rel=1e-12)
+    for a, b in zip(grads, one, strict=True):
+        assert_close(a, b)
+
+    loss, stats = grpo_head_loss(hidden, weight, targets, ref, adv, torch.zeros(n, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and stats["tokens"] == 0.0 and stats["entropy_sum"] == 0.0
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+# ---------------------------------------------------------------- the row kernels compile
+
+
+def test_row_kernels_compile_to_one_graph_and_match_eager():
+    """What CUDA runs compiled (Triton there, C++ here): one graph, no recompilation for another row count."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(14)
+    for fn in (lm_head._logsumexp, lm_head._softmax_stats, lm_head._scaled_softmax):
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        for rows in (7, 3):
+            z = (4 * torch.randn(rows, V, generator=g)).bfloat16()
+            args = (z,) if fn is not lm_head._scaled_softmax else (z, lm_head._logsumexp(z), torch.rand(rows))
+            got, want = compiled(*args), fn(*args)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                            strict=True):
+                assert a.dtype == b.dtype
+                assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
 # ---------------------------------------------------------------- memory: the head sees at most `chunk` rows

@@ -1,0 +1,215 @@
+"""One training step of the project's own code (`fd_backward`, `grpo_backward`) on random-init Qwen3 shapes:
+time, tokens/s, MFU and peak memory; with `--nproc N`, the same under torchrun with FSDP2 and its scaling.
+
+    python bench/train_step.py --shape 1.7b                      # FD and GRPO, 8 x 2,048 tokens, one GPU
+    python bench/train_step.py --shape 8b --algorithm fd
+    python bench/train_step.py --shape 1.7b --algorithm fd --nproc 2   # 1 GPU, then 2 (weak scaling)
+    python bench/train_step.py --shape 1.7b --head               # also the LM head alone (bench/fd_loss.py)
+    python bench/train_step.py --shape tiny                      # a 2-layer model: runs on a CPU
+
+Each step: `--seqs` sequences of `--seq-len` tokens per rank, the last `--trained` of them
+generated (loss_mask 1); FD's teacher sees the prompt plus `--feedback` tokens and the same
+response; GRPO has a reference model (kl_coef 0.001) and advantages of +-1. The step is
+what `trainer.run` does between rollouts and the optimizer: the step function over
+packed micro-batches of `--micro-batch-tokens`, then the all-reduce of the replicated
+gradients (embeddings, LM head) under torchrun. The optimizer is not included.
+
+MFU = (6 N x student tokens + 2 N x teacher or reference tokens) / time / peak, with N the
+parameters and peak `--peak-tflops` per GPU (790: bf16 dense on an H200 as the project counts
+it); recomputation (activation checkpointing) is not useful work. Tokens are all the packed
+tokens, prompts included. Time: the median of `--steps` steps after `--warmup` (which compile).
+Peak memory: the CUDA allocator's, the highest rank's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer import distributed  # noqa: E402
+from trainer.algorithms import checkpoint_activations, fd_backward, grpo_backward  # noqa: E402
+from trainer.batches import TrainSequence  # noqa: E402
+
+SHAPES = {  # Qwen3's published configurations; tiny is a CPU-sized stand-in
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=4096, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(max_position_embeddings=40960, rms_norm_eps=1e-6, use_cache=False, **SHAPES[shape])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def sequences(args: argparse.Namespace, vocab: int, seed: int) -> list[TrainSequence]:
+    g = torch.Generator().manual_seed(seed)
+    prompt = args.seq_len - args.trained
+    out = []
+    for i in range(args.seqs):
+        ids = torch.randint(3, vocab, (args.seq_len,), generator=g).tolist()
+        teacher = torch.randint(3, vocab, (prompt + args.feedback,), generator=g).tolist()
+        out.append(TrainSequence(ids, prompt, [0] * prompt + [1] * args.trained, teacher, 1.0 if i % 2 else -1.0))
+    return out
+
+
+def step_fn(args: argparse.Namespace, algorithm: str, device: torch.device, seed: int):
+    """The models, this rank's sequences, and one step as a function returning (student, other) token counts."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = build(args.shape, device, dtype, seed=0)
+    n_params = sum(p.numel() for p in student.parameters())
+    other = copy.deepcopy(student).eval().requires_grad_(False)  # FD's teacher, GRPO's reference
+    student.train()
+    if args.checkpointing != "none":
+        checkpoint_activations(student, args.checkpointing)
+    distributed.shard(student)
+    distributed.shard(other)
+    seqs = sequences(args, student.config.vocab_size, seed)
+    student_tokens = sum(len(s.input_ids) for s in seqs)
+    other_tokens = sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in seqs) if algorithm == "fd" \
+        else student_tokens
+    common = dict(token_budget=args.micro_batch_tokens, chunk=args.chunk, pad_id=0)
+
+    def step() -> None:
+        student.zero_grad(set_to_none=True)
+        if algorithm == "fd":
+            fd_backward(student, other, seqs, top_k=25, renormalize=False, **common)
+        else:
+            grpo_backward(student, other, seqs, clip_eps=0.2, kl_coef=0.001, **common)
+        distributed.reduce_replicated_grads(student)
+
+    return step, n_params, student_tokens, other_tokens
+
+
+def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> dict[str, float]:
+    """One algorithm's row over all ranks, on rank 0 (elsewhere empty): the slowest rank's median step time,
+    tokens, MFU, the highest peak memory."""
+    step, n_params, student_tokens, other_tokens = step_fn(args, algorithm, device, seed=1 + distributed.rank())
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        distributed.barrier()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    world = distributed.world_size()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    parts = distributed.gather([statistics.median(times), peak])  # every rank's, on rank 0; elsewhere none
+    if not parts:
+        return {}
+    seconds, peak = max(p[0] for p in parts), max(p[1] for p in parts)
+    tokens = student_tokens * world
+    flops = (6 * student_tokens + 2 * other_tokens) * n_params * world
+    return {"algorithm": algorithm, "ranks": world, "params": n_params, "tokens": tokens,
+            "other_tokens": other_tokens * world, "seconds": seconds, "tokens_per_s_per_gpu": tokens / seconds / world,
+            "mfu": flops / seconds / (world * args.peak_tflops * 1e12), "peak_gib": peak}
+
+
+def print_row(row: dict[str, float], args: argparse.Namespace) -> None:
+    print(f"{row['algorithm']:4s} {args.shape} ranks={row['ranks']} N={row['params'] / 1e6:,.1f}M "
+          f"tokens={row['tokens']} (+{row['other_tokens']} teacher/reference) "
+          f"checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}: "
+          f"{row['seconds']:.3f} s, {row['tokens_per_s_per_gpu']:,.0f} tok/s per GPU, "
+          f"MFU {100 * row['mfu']:.1f}%, peak {row['peak_gib']:.2f} GiB", flush=True)
+
+
+def run_here(args: argparse.Namespace) -> None:
+    """This process's measurement: one process, or one rank under torchrun (rank 0 prints and reports)."""
+    device = distributed.setup(args.device)
+    rows = []
+    try:
+        for algorithm in args.algorithm:
+            row = measure(args, algorithm, device)
+            if distributed.is_main():
+                rows.append(row)
+                print_row(row, args)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if args.report and distributed.is_main():
+            Path(args.report).write_text(json.dumps(rows))
+    finally:
+        distributed.close()
+
+
+def run_scaling(args: argparse.Namespace, argv: list[str]) -> None:
+    """1 process, then `--nproc` under torchrun, each in its own process; per-GPU throughput ratio."""
+    script = str(Path(__file__).resolve())
+    i = argv.index("--nproc") if "--nproc" in argv else None  # torchrun would take --nproc for its own option
+    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, args.nproc):
+            report = Path(tmp) / f"{n}.json"
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                            script, *rest, "--report", str(report)], check=True)
+            results[n] = {row["algorithm"]: row for row in json.loads(report.read_text())}
+    for algorithm, one in results[1].items():
+        many = results[args.nproc][algorithm]
+        print(f"{algorithm:4s} weak scaling 1 -> {args.nproc}: {one['tokens_per_s_per_gpu']:,.0f} -> "
+              f"{many['tokens_per_s_per_gpu']:,.0f} tok/s per GPU: "
+              f"{100 * many['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.0f}%", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b")
+    parser.add_argument("--algorithm", nargs="+", choices=["fd", "grpo"], default=["fd", "grpo"])
+    parser.add_argument("--seqs", type=int, default=8, help="sequences per rank")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--trained", type=int, default=1536, help="trained (generated) tokens per sequence")
+    parser.add_argument("--feedback", type=int, default=64, help="FD: tokens the teacher's prompt adds")
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument("--chunk", type=int, default=1024, help="LM head rows per chunk")
+    parser.add_argument("--checkpointing", choices=["full", "selective", "none"], default="selective")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    parser.add_argument("--nproc", type=int, default=1, help="also run under torchrun with this many processes")
+    parser.add_argument("--head", action="store_true", help="also the LM head alone at 8,192 tokens")
+    parser.add_argument("--report", help=argparse.SUPPRESS)  # where a child run leaves its rows
+    args = parser.parse_args(argv)
+    if args.trained >= args.seq_len:
+        parser.error("--trained must be below --seq-len (a prompt is needed)")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the two runs go to child processes
+        run_scaling(args, argv)
+        return
+    run_here(args)
+    if args.head and "WORLD_SIZE" not in os.environ:
+        from fd_loss import head_rows, print_rows
+
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        hidden, vocab = SHAPES[args.shape]["hidden_size"], SHAPES[args.shape]["vocab_size"]
+        tokens = 8192 if device.type == "cuda" else 1024
+        print_rows(head_rows(tokens, vocab, hidden, args.chunk, device, repeats=3),
+                   f"T={tokens} V={vocab} H={hidden} chunk={args.chunk} {device}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The LM head over chunks of positions, with the loss gradient fused into the forward pass.
+
+Full-vocabulary logits for 8,192 positions are 8,192 x 151,936 x 4 bytes = 5 GB in fp32, so
+the head runs `chunk` rows at a time. `fused_head` computes each chunk's logits once, asks
+a row function for the loss, its gradient w.r.t. the logits and per-row statistics, and at
+once turns that gradient into the gradients of the hidden states (g @ W) and of the head
+weight (g^T h, accumulated over chunks). Backward only scales those two stored tensors.
+
+Why this variant: storing each chunk's [c, V] logit gradient for backward would cost
+c x V per chunk for the whole batch (the full logits again); recomputing the logits in
+backward (activation checkpointing) costs a fourth head matmul. Reducing the gradient to
+[c, H] and [V, H] inside the forward pass needs exactly three head matmuls per chunk
+(logits, g @ W, g^T h) and keeps what outlives a chunk to one [N, H] hidden gradient and
+one [V, H] weight gradient: the sizes backward would produce anyway. The weight gradient
+is accumulated in the inputs' dtype, as autograd accumulates per-chunk gradients.
+
+The elementwise work on a chunk (log-sum-exp, entropy, scaled softmax) is a few passes over
+[c, V]. On CUDA it is compiled (torch.compile generates fused Triton kernels that read the
+bf16 logits without fp32 copies); elsewhere, and whenever autograd must see it, it runs
+eagerly: the same functions, so the CPU tests check the math the GPU runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 inputs (tests) stay fp64."""
+    return torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+
+
+def chunks(n: int, chunk: int) -> list[slice]:
+    """Row slices of at most `chunk` rows; one empty slice when n == 0, so a micro-batch
+    without tokens still builds a graph that reaches `hidden` and `weight` (zero loss,
+    zero gradients) and backward runs on every rank."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [slice(s, s + chunk) for s in range(0, max(n, 1), chunk)]
+
+
+def logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """[c, H] @ [V, H]^T in the hidden states' dtype (bf16 on GPU: tensor cores, fp32
+    accumulation, no fp32 copy of the head)."""
+    return F.linear(hidden, weight.to(hidden.dtype))
+
+
+# ---------------------------------------------------------------- row math on one chunk of logits
+
+
+def upcast(z: Tensor) -> Tensor:
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def _logsumexp(z: Tensor) -> Tensor:
+    """[c, V] -> [c]."""
+    return torch.logsumexp(upcast(z), -1)
+
+
+def _softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """[c, V] logits -> log-sum-exp [c] and full-vocabulary entropy [c] (H = lse - E_p[z])."""
+    zf = upcast(z)
+    lse = torch.logsumexp(zf, -1)
+    return lse, lse - (torch.exp(zf - lse[:, None]) * zf).sum(-1)
+
+
+def _scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    """scale[:, None] * softmax(z), in z's dtype: a chunk's logit gradient before its top-K correction."""
+    return (scale[:, None] * torch.exp(upcast(z) - lse[:, None])).to(z.dtype)
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _kernel(fn: Callable, z: Tensor) -> Callable:
+    """`fn` compiled for CUDA tensors outside autograd, else `fn` itself. dynamic=True: chunks
+    differ in rows (the last one) without recompiling."""
+    if not z.is_cuda or torch.is_grad_enabled():
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _compiled[fn.__name__]
+
+
+def logsumexp(z: Tensor) -> Tensor:
+    return _kernel(_logsumexp, z)(z)
+
+
+def softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    return _kernel(_softmax_stats, z)(z)
+
+
+def scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    return _kernel(_scaled_softmax, z)(z, lse, scale)
+
+
+# ---------------------------------------------------------------- the fused head
+
+# rows(logits [c, V] in the hidden dtype, the chunk's slice, whether a gradient is wanted)
+#   -> (the chunk's summed loss, d loss / d logits [c, V] in the logits' dtype or None, per-row tensors)
+Rows = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None, tuple[Tensor, ...]]]
+
+
+class _FusedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, chunk: int, rows: Rows, grad_hidden: bool,
+                grad_weight: bool) -> tuple[Tensor, ...]:
+        w = weight.to(hidden.dtype)
+        d_hidden = torch.empty_like(hidden) if grad_hidden else None
+        d_weight = torch.zeros_like(w) if grad_weight else None
+        losses, outs = [], []
+        for sl in chunks(hidden.shape[0], chunk):
+            h = hidden[sl]
+            loss, grad, out = rows(F.linear(h, w), sl, grad_hidden or grad_weight)
+            losses.append(loss)
+            outs.append(out)
+            if grad_hidden:
+                torch.mm(grad, w, out=d_hidden[sl])
+            if grad_weight:
+                d_weight.addmm_(grad.T, h)
+            del grad
+        ctx.grads = (d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        per_row = tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+        ctx.mark_non_differentiable(*per_row)
+        return (torch.stack(losses).sum(), *per_row)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("backward ran twice through the fused LM head; it keeps no graph to retain")
+        d_hidden, d_weight = ctx.grads
+        ctx.grads = None
+        for g in (d_hidden, d_weight):  # the stored buffers are ours: scale in place, no second copy
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+        return d_hidden, d_weight, None, None, None, None
+
+
+def fused_head(hidden: Tensor, weight: Tensor, rows: Rows, *, chunk: int) -> tuple[Tensor, ...]:
+    """Apply the head to `hidden` [N, H] in chunks; returns the summed loss (differentiable
+    w.r.t. `hidden` and `weight`) and each per-row tensor of `rows`, concatenated (detached)."""
+    grad = torch.is_grad_enabled()
+    return _FusedHead.apply(hidden, weight, chunk, rows, grad and hidden.requires_grad, grad and weight.requires_grad)
