@@ -75,6 +75,9 @@ class TrainConfig:
     device: str = _f("auto", "auto: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "auto: bfloat16 on GPU, float32 on CPU")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward pass")
+    checkpoint_mode: Literal["full", "selective"] = _f(
+        "full", "with gradient checkpointing: recompute each layer (full, least memory) or keep the matmul and "
+        "attention outputs and recompute only elementwise ops (selective, almost no extra FLOPs)")
     logit_chunk: int = _f(1024, "token positions per chunk when computing vocabulary logits")
     # evaluation, logging, checkpoints
     eval_problems: str = _f("", "evaluation problems (JSONL); empty: no periodic evaluation")

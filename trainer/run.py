@@ -44,7 +44,7 @@ from agent.rollout import (
     rollout_many,
 )
 from trainer import distributed
-from trainer.algorithms import fd_backward, grpo_backward
+from trainer.algorithms import checkpoint_activations, fd_backward, grpo_backward
 from trainer.batches import TrainSequence
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -96,7 +96,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.policy = load_model(cfg.model, dtype=dtype, device=str(self.device), seed=cfg.seed)
         if cfg.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_activations(self.policy, cfg.checkpoint_mode)
         self.policy.config.use_cache = False
         self.policy.train()
         self.teacher = EmaTeacher(self.policy, alpha=cfg.ema_alpha, every=cfg.ema_every) \
