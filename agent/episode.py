@@ -149,23 +149,24 @@ class EpisodeWriter:
                 os.close(fd)
 
 
-def drop_torn_tail(path: Path) -> int:
-    """Cut a JSONL file after its last newline (a record whose write never finished); returns the bytes cut."""
+def drop_torn_tail(path: Path, *, block: int = 1 << 16) -> int:
+    """Cut a JSONL file after its last newline (a record whose write never finished); returns the bytes cut.
+
+    Reads backwards `block` bytes at a time, so a long log is not read whole.
+    """
     if not path.exists():
         return 0
     with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        end = size
+        size = end = f.seek(0, os.SEEK_END)
         while end > 0:
-            f.seek(max(0, end - 65536))
-            block = f.read(end - max(0, end - 65536))
-            at = block.rfind(b"\n")
+            start = max(0, end - block)
+            f.seek(start)
+            at = f.read(end - start).rfind(b"\n")
             if at >= 0:
-                end = max(0, end - 65536) + at + 1
+                end = start + at + 1
                 break
-            end = max(0, end - 65536)
-        if end < size:
-            f.truncate(end)
+            end = start
+        f.truncate(end)
         return size - end
 
 

@@ -87,3 +87,57 @@ def test_a_torn_only_record_is_dropped_whole(tmp_path):
     path.write_bytes(b'{"episode_id": "e9", "tor')
     EpisodeWriter(path).write(make_episode(0))
     assert [e.episode_id for e in read_episodes(path)] == ["e0"]
+
+
+@pytest.mark.parametrize("block", [4, 1 << 16])  # tiny blocks make the backwards scan cross many of them
+def test_drop_torn_tail(tmp_path, block):
+    from agent.episode import drop_torn_tail
+
+    path = tmp_path / "ep.jsonl"
+    assert drop_torn_tail(path, block=block) == 0 and not path.exists()
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n')
+    assert drop_torn_tail(path, block=block) == 0 and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": 3, "torn')
+    assert drop_torn_tail(path, block=block) == 14 and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    path.write_bytes(b'{"never": "ended"')
+    assert drop_torn_tail(path, block=block) == 17 and path.read_bytes() == b""
+
+
+def test_feedback_and_non_ascii_text_round_trip_as_written(tmp_path):
+    from agent.episode import Feedback
+
+    feedback = Feedback(source="claude", text="Essayez `nlinarith` — ça marche.",
+                        teacher_messages=[{"role": "user", "content": "x\n\nEssayez"}], teacher_prompt_ids=[1, 2, 9],
+                        elapsed_s=1.5)
+    path = tmp_path / "deep" / "er" / "ep.jsonl"  # the writer makes missing folders
+    EpisodeWriter(path).write(make_episode(0, feedback=feedback))
+    (episode,) = read_episodes(path)
+    assert episode.feedback == feedback and isinstance(episode.feedback, Feedback)
+    line = path.read_text(encoding="utf-8")
+    assert "ça marche" in line and '", "' not in line  # UTF-8 as is, compact separators
+
+
+def test_blank_lines_are_skipped_and_bad_records_name_their_line(tmp_path):
+    path = tmp_path / "ep.jsonl"
+    record = json.loads(make_episode(0).to_json())
+    path.write_text(make_episode(0).to_json() + "\n\n" + make_episode(1).to_json() + "\n")
+    assert [e.episode_id for e in read_episodes(path)] == ["e0", "e1"]
+    path.write_text(make_episode(0).to_json() + "\n" + json.dumps({**record, "surprise": 1}) + "\n")
+    with pytest.raises(EpisodeSchemaError, match=r"ep.jsonl:2: unknown episode fields \['surprise'\]"):
+        list(read_episodes(path))
+    path.write_text("[1, 2]\n")
+    with pytest.raises(EpisodeSchemaError, match="ep.jsonl:1: episode schema version None"):
+        list(read_episodes(path))
+    path.write_text(json.dumps({**record, "tool_calls": [{"turn": 1}]}) + "\n")
+    with pytest.raises(EpisodeSchemaError, match=r"ep.jsonl:1: malformed episode record \("):
+        list(read_episodes(path))
+
+
+@pytest.mark.parametrize("prompt_len, ok", [(0, True), (5, True), (6, False), (-1, False)])
+def test_the_prompt_may_be_empty_or_the_whole_sequence(tmp_path, prompt_len, ok):
+    episode = make_episode(prompt_len=prompt_len, loss_mask=[0] * 5, num_generated=0, logprobs=[0.0] * 5)
+    if ok:
+        episode.validate()
+    else:
+        with pytest.raises(EpisodeSchemaError, match="prompt"):
+            episode.validate()
