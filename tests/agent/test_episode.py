@@ -101,6 +101,8 @@ def test_drop_torn_tail(tmp_path, block):
     assert drop_torn_tail(path, block=block) == 14 and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
     path.write_bytes(b'{"never": "ended"')
     assert drop_torn_tail(path, block=block) == 17 and path.read_bytes() == b""
+    path.write_bytes(b'{"ab":1}\n' + b"x" * 7)  # with 4-byte blocks the newline is the first byte of one
+    assert drop_torn_tail(path, block=block) == 7 and path.read_bytes() == b'{"ab":1}\n'
 
 
 def test_feedback_and_non_ascii_text_round_trip_as_written(tmp_path):

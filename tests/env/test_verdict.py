@@ -33,12 +33,12 @@ LONG = "x" * 300
 
 
 @pytest.mark.parametrize("changes, reason, detail", [
-    ({"status": "timeout", "messages": (Message("error", "first"), Message("error", "too slow"))}, "timeout",
-     "too slow"),
+    ({"status": "timeout", "messages": (Message("error", "a"), Message("error", "b"), Message("error", "too slow"))},
+     "timeout", "too slow"),
     ({"status": "timeout"}, "timeout", ""),
     ({"status": "oom"}, "out_of_memory", ""),
-    ({"status": "crash", "messages": (Message("error", "first"), Message("error", "exit 139"))}, "prover_crash",
-     "exit 139"),
+    ({"status": "crash", "messages": (Message("error", "a"), Message("error", "b"), Message("error", "exit 139"))},
+     "prover_crash", "exit 139"),
     ({"status": "crash"}, "prover_crash", ""),
     ({"status": "error", "messages": (Message("info", "hi"), Message("error", LONG, 3, 1), Message("error", "2nd"))},
      "does_not_compile", f"line 3: {'x' * 200}"),
