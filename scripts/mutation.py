@@ -58,7 +58,9 @@ def main() -> int:
         with (work / "pyproject.toml").open("a") as f:
             f.write("\n[tool.mutmut]\n"
                     f"source_paths = {[str(m) for m in args.modules]!r}\n"
-                    f"pytest_add_cli_args_test_selection = {tests!r}\n")
+                    f"pytest_add_cli_args_test_selection = {tests!r}\n"
+                    # the tests' imports need the rest of the code beside the mutated modules
+                    f"also_copy = {['env', 'agent', 'trainer', 'data', 'lean_project', 'configs']!r}\n")
         subprocess.run(["mutmut", "run"], cwd=work, stdout=subprocess.DEVNULL, check=False)
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
                                  text=True, check=True).stdout

@@ -200,14 +200,14 @@ def statement_prop(problem: Problem) -> str:
 
 
 def _top_level_colon(text: str) -> int:
-    """Index of the first ':' outside brackets that is not part of ':=', '::' or ':>', or -1."""
+    """Index of the first ':' outside brackets (binders are bracketed), or -1."""
     depth = 0
     for i, ch in enumerate(text):
         if ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif ch == ":" and depth == 0 and text[i + 1:i + 2] not in ("=", ":", ">") and text[i - 1:i] != ":":
+        elif ch == ":" and depth == 0:
             return i
     return -1
 

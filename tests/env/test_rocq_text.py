@@ -214,3 +214,65 @@ def test_parse_context_summary_refuses_anything_else(broken):
 def test_a_different_theory_is_unsafe():
     summary = parse_context_summary(SUMMARY.replace("Set is predicative", "Set is impredicative"))
     assert any("not the standard one" in note for note in summary.unsafe())
+
+
+M = "\0"  # how a masked character reads
+
+
+@pytest.mark.parametrize("source, masked", [
+    ("(*a*)b", M * 5 + "b"),
+    ("(**)x", M * 4 + "x"),
+    ("x(*(*y*)z*)w", "x" + M * 10 + "w"),  # comments nest
+    ("(*\n*)", M * 2 + "\n" + M * 2),  # lines are kept
+    ('"" x', M * 2 + " x"),
+    ('"a""b" c', M * 6 + " c"),  # "" is an escaped quote
+    ('"a""" x', M * 5 + " x"),
+    ('"a" x "b"', M * 3 + " x " + M * 3),
+    ('(* "*)" *)x', M * 10 + "x"),  # a string inside a comment hides its *)
+    ('a"b', "a" + M * 2),  # a string that never closes masks the rest
+])
+def test_mask_comments(source, masked):
+    from env.provers.rocq_text import mask_comments
+
+    assert mask_comments(source) == masked
+
+
+def test_open_at_end_follows_nesting_and_escapes():
+    assert open_at_end("(* (* *)") == "a comment" and open_at_end('""') == "" and open_at_end('"a""') == "a string"
+    assert open_at_end('(* "*) ') == "a string" and open_at_end("(* *) *)") == ""
+
+
+def test_split_sentences_edges():
+    assert split_sentences(".. x.").chunks == ((0, 5),)  # `..` is no period
+    assert split_sentences(". a.").chunks == ((0, 1), (1, 4))
+    tail = split_sentences("Check x. (* a comment at the end *)")
+    assert tail.error == "" and tail.chunks == ((0, 8),)
+    assert split_sentences("Check x. y").chunks == ((0, 8),)
+
+
+@pytest.mark.parametrize("statement, prop", [
+    ("Theorem p: True.\nProof.", "True"),
+    ("Theorem p :True.\nProof.", "True"),
+    ("Theorem p (f : (nat -> nat)) (h : f 0 = 0) : f 0 = 0.\nProof.",
+     "forall (f : (nat -> nat)) (h : f 0 = 0), f 0 = 0"),
+])
+def test_statement_prop_edges(statement, prop):
+    assert statement_prop(Problem(name="p", prover="rocq", header="", formal_statement=statement)) == prop
+
+
+def test_statement_prop_needs_the_final_period():
+    with pytest.raises(ValueError, match="the statement of p does not end with '.'"):
+        statement_prop(Problem(name="p", prover="rocq", header="", formal_statement="Theorem p : True\nProof."))
+
+
+def test_one_letter_axiom_names_are_entries():
+    assert parse_assumptions("Axioms:\nA : nat\nB\n  : nat\n") == ("A", "B")
+
+
+def test_every_unsafe_kind_is_named():
+    summary = parse_context_summary(SUMMARY.replace(
+        "type-in-type: <none>", "type-in-type:\n    FdAttempt.U").replace(
+        "positivity is assumed: <none>", "positivity is assumed:\n    FdAttempt.bad"))
+    assert summary.unsafe() == ["FdAttempt.U relies on type-in-type",
+                                "FdAttempt.loop relies on unchecked (co)fixpoints",
+                                "FdAttempt.bad is an inductive whose positivity was not checked"]
