@@ -42,6 +42,9 @@ class RolloutConfig:
     check_timeout_s: float = 60.0
     max_concurrent_checks: int = 2
     seed: int = 0
+    # Feedback text put in the student's own prompt, framed as the teacher sees constant feedback:
+    # how a model behaves *with* a feedback (internalisation is judged against this, without it).
+    prompt_feedback: str = ""
 
 
 class Rollout:
@@ -99,6 +102,10 @@ class Rollout:
         obs, _ = env.reset(seed=state.seed, options={"problem": state.problem})
         chat = self.chat(obs["tools"])
         state.messages = list(obs["messages"])
+        if cfg.prompt_feedback:
+            from agent.feedback.base import framed, teacher_messages
+
+            state.messages = teacher_messages(state.messages, framed(cfg.prompt_feedback))
         prompt = chat.prompt_ids(state.messages)
         state.append(prompt, generated=False)
         state.prompt_len = len(prompt)

@@ -44,10 +44,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
-                    rank_state: dict[str, Any], *, weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    rank_state: dict[str, Any], *, weights: dict[str, torch.Tensor] | None = None,
+                    keep: int = 0) -> Path:
     """Rank 0 writes the model (`weights`: its full state dict, when sharded), the tokenizer and
     `state`; `rank_state` is each rank's own (with one process it goes into `state`).
-    Called by every rank; returns once the checkpoint is complete."""
+    With `keep` > 0, older checkpoints beyond the newest `keep` are removed once `latest` names
+    the new one. Called by every rank; returns once the checkpoint is complete."""
     rank, world = distributed.rank(), distributed.world_size()
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:06d}"
@@ -69,6 +71,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Any, tokenizer: Any, 
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
+        if keep > 0:
+            for old in sorted(root.glob("step-*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
 

@@ -85,6 +85,7 @@ class TrainConfig:
     eval_samples: int = _f(1, "samples per evaluation problem (n of pass@k)")
     out_dir: str = _f("runs/default", "episodes, metrics, checkpoints and the summary go here")
     checkpoint_every: int = _f(1, "steps between checkpoints")
+    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints (0: keep all)")
     resume: bool = _f(False, "continue from the last checkpoint in out_dir")
     wandb_project: str = _f("", "log to this wandb project too (offline unless wandb_mode=online)")
     wandb_mode: Literal["offline", "online"] = _f("offline", "wandb mode")

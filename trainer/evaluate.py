@@ -3,7 +3,10 @@
     python -m trainer.evaluate --model DIR --problems P.jsonl --n 32 --k 1,8,32 [--prover rocq|lean]
 
 Runs n episodes per problem through the agent loop (the same tools and budgets as
-training) and prints one JSON line with pass@k for each k, then `pass@k: ...`.
+training) and prints one JSON line with pass@k for each k and the response lengths, then
+`pass@k: ...`. `--prompt-feedback TEXT` puts a constant feedback in the model's own prompt,
+framed as the FD teacher reads it: how the model behaves *with* that feedback, the target
+that constant-feedback FD should make the model reach without it.
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ async def evaluate(rollout: Rollout, problems: Sequence[Any], *, n: int, ks: Seq
     for episode in episodes:
         results[episode.problem["name"]].append(episode.solved)
     table = pass_at_k_table(results, ks)
+    lengths = sorted(e.num_generated for e in episodes)
     return {"pass_at_k": {f"pass@{k}": v for k, v in table.items()}, "problems": len(results), "n": n,
             "solved_any": sum(any(v) for v in results.values()),
-            "errors": sum(e.finish_reason == "error" for e in episodes)}
+            "errors": sum(e.finish_reason == "error" for e in episodes),
+            "response_tokens_mean": sum(lengths) / len(lengths), "response_tokens_median": lengths[len(lengths) // 2],
+            "token_budget_hit": sum(e.finish_reason == "token_budget" for e in episodes) / len(episodes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", default="1", help="comma-separated k values, each <= n")
     parser.add_argument("--prover", choices=["auto", "lean", "rocq"], default="auto")
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--max-new-tokens", type=int, default=RolloutConfig.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=RolloutConfig.temperature)
     parser.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
     parser.add_argument("--out", type=Path, help="also write the episodes here (JSONL)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-feedback", default="", metavar="TEXT",
+                        help="constant feedback put in the prompt (as the FD teacher reads it)")
     args = parser.parse_args(argv)
     try:
         ks = sorted({int(k) for k in args.k.split(",")})
@@ -74,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except ProverUnavailableError as e:
         parser.exit(2, f"error: {e}\n")
     problems = load_problem_set(args.problems, prover)[: args.limit or None]
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     backend, tokenizer = make_backend(args.backend, args.model, device=args.device, seed=args.seed)
     config = replace(RolloutConfig(), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed)
+                     seed=args.seed, prompt_feedback=args.prompt_feedback)
     rollout = make_rollout(backend, tokenizer, prover, config, model_name=args.model)
     start = time.monotonic()
     try:

@@ -332,7 +332,8 @@ class Trainer:
             "episodes_bytes": log_length(self.episodes_path), "metrics_bytes": log_length(self.metrics_path),
         }
         own = {"optimizer": self.optimizer.state_dict(), "rng": rng_state()}
-        return save_checkpoint(self.out, self.step, self.policy, self.tokenizer, state, own, weights=weights)
+        return save_checkpoint(self.out, self.step, self.policy, self.tokenizer, state, own, weights=weights,
+                               keep=self.cfg.keep_checkpoints)
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         checkpoint = latest_checkpoint(self.out)

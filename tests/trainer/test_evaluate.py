@@ -68,3 +68,25 @@ def test_grpo_over_fd_starts_from_the_fd_checkpoint(tmp_path):
             assert any(not torch.equal(weights[k], base[k]) for k in saved)
     finally:
         trainer.close()
+
+
+def test_prompt_feedback_goes_into_the_prompt_and_lengths_are_reported(tmp_path):
+    """--prompt-feedback: the model sees the constant feedback as the FD teacher does; the lengths are the episodes'."""
+    from agent.episode import read_episodes
+    from agent.feedback.base import FEEDBACK_HEADER
+
+    args = ["--model", "tiny-qwen3", "--problems", "data/rocq_problems.jsonl", "--prover", "rocq", "--n", 2,
+            "--limit", 2, "--max-new-tokens", 10]
+    plain = run_evaluate(*args, "--out", tmp_path / "plain.jsonl")
+    told = run_evaluate(*args, "--out", tmp_path / "told.jsonl", "--prompt-feedback", "Answer in one line.")
+    assert plain.returncode == 0 and told.returncode == 0, told.stderr[-2000:]
+    for proc, path, with_feedback in [(plain, "plain.jsonl", False), (told, "told.jsonl", True)]:
+        episodes = list(read_episodes(tmp_path / path))
+        result = json.loads(proc.stdout.splitlines()[0])
+        lengths = sorted(e.num_generated for e in episodes)
+        assert result["response_tokens_mean"] == sum(lengths) / 4 and result["response_tokens_median"] == lengths[2]
+        assert result["token_budget_hit"] == sum(e.finish_reason == "token_budget" for e in episodes) / 4
+        user = episodes[0].messages[1]["content"]
+        assert user.endswith(f"\n\n{FEEDBACK_HEADER}\nAnswer in one line.") == with_feedback
+    plain_eps, told_eps = list(read_episodes(tmp_path / "plain.jsonl")), list(read_episodes(tmp_path / "told.jsonl"))
+    assert told_eps[0].prompt_len > plain_eps[0].prompt_len  # the feedback's tokens are in the prompt itself

@@ -30,7 +30,7 @@ def metrics(out_dir):
 
 
 @pytest.mark.parametrize("algorithm, extra", [
-    ("fd", ["feedback=compiler", "ema_every=1"]),
+    ("fd", ["feedback=compiler", "ema_every=1", "keep_checkpoints=1"]),
     ("grpo", ["samples_per_prompt=2", "lr=1e-4"]),
 ])
 def test_two_steps_end_to_end(tmp_path, algorithm, extra):
@@ -56,6 +56,8 @@ def test_two_steps_end_to_end(tmp_path, algorithm, extra):
         assert rows[0]["fd/kl_topk"] >= 0 and rows[1]["train/ema_update"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["checkpoint"].endswith("step-000002/model")
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == (["step-000002"] if algorithm == "fd" else ["step-000001", "step-000002"])  # keep_checkpoints
     # the checkpoint is a Hugging Face model directory
     from transformers import AutoModelForCausalLM
 
