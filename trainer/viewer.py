@@ -153,26 +153,29 @@ def render(episode: Episode, tokenizer: Any, student: Scores, teacher: Scores, *
     def decoded(ids: list[int]) -> list[str]:
         return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
+    def tool(ids: list[int]) -> str:
+        return f'<span class="tool">{_text(tokenizer.decode(ids, skip_special_tokens=False))}</span>'
+
+    def top(scores: Scores, n: int) -> list[list]:
+        return [[_shown(s), _g(p)] for s, p in zip(decoded(scores.top_ids[n].tolist()), scores.top_probs[n].tolist(),
+                                                    strict=True)]
+
     spans, tips, tool_run, n = [], [], [], 0
     for token, text, trained in zip(response, decoded(response), mask, strict=True):
         if not trained:
             tool_run.append(token)
             continue
         if tool_run:
-            spans.append(f'<span class="tool">{_text(tokenizer.decode(tool_run, skip_special_tokens=False))}</span>')
+            spans.append(tool(tool_run))
             tool_run = []
         nl = " nl" if "\n" in text else ""
         spans.append(f'<span class="tok{nl}" data-i="{n}" data-logratio="{ratio[n]:.6g}" '
                      f'style="background:{color(ratio[n], clip)}">{_text(text)}</span>')
         tips.append({"x": _shown(text), "lr": _g(ratio[n]), "pt": _g(teacher.logprob[n].exp().item()),
-                     "ps": _g(student.logprob[n].exp().item()),
-                     "t": [[_shown(s), _g(p)] for s, p in zip(decoded(teacher.top_ids[n].tolist()),
-                                                               teacher.top_probs[n].tolist(), strict=True)],
-                     "s": [[_shown(s), _g(p)] for s, p in zip(decoded(student.top_ids[n].tolist()),
-                                                               student.top_probs[n].tolist(), strict=True)]})
+                     "ps": _g(student.logprob[n].exp().item()), "t": top(teacher, n), "s": top(student, n)})
         n += 1
     if tool_run:
-        spans.append(f'<span class="tool">{_text(tokenizer.decode(tool_run, skip_special_tokens=False))}</span>')
+        spans.append(tool(tool_run))
     # JSON inside <script>: no "<", ">" or "&" may reach the HTML parser, so no token can close the element.
     data = json.dumps(tips, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     fb = episode.feedback

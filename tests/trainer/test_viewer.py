@@ -75,17 +75,26 @@ def view(episodes, tmp_path, *args):
     return out
 
 
-def log_ratios_by_plain_forward(episode, student, teacher):
-    """log p_teacher - log p_student of each generated response token, from two plain forwards."""
+def plain_forward(episode, student, teacher):
+    """Per generated response token: log p_teacher - log p_student, and the teacher's and student's top 5
+    (ids, probabilities), from one plain forward of each model on its whole sequence."""
     response = episode.token_ids[episode.prompt_len:]
     prompts = (episode.token_ids[:episode.prompt_len], episode.feedback.teacher_prompt_ids)
-    logps = []
+    trained = [j for j, m in enumerate(episode.loss_mask[episode.prompt_len:]) if m]
+    logps, tops = [], []
     with torch.no_grad():
         for model, prompt in zip((student, teacher), prompts, strict=True):
             logp = model(torch.tensor([prompt + response])).logits[0].log_softmax(-1)
-            logps.append([logp[len(prompt) + j - 1, t].item() for j, t in enumerate(response)])
-    trained = episode.loss_mask[episode.prompt_len:]
-    return [t - s for s, t, m in zip(*logps, trained, strict=True) if m]
+            rows = logp[[len(prompt) + j - 1 for j in trained]]
+            logps.append(rows.gather(-1, torch.tensor([[response[j]] for j in trained]))[:, 0])
+            tops.append(rows.topk(5, dim=-1))
+    ratios = (logps[1] - logps[0]).tolist()
+    return ratios, (tops[1].indices.tolist(), tops[1].values.exp().tolist()), \
+        (tops[0].indices.tolist(), tops[0].values.exp().tolist())
+
+
+def log_ratios_by_plain_forward(episode, student, teacher):
+    return plain_forward(episode, student, teacher)[0]
 
 
 def test_one_element_per_generated_token_with_the_teachers_log_ratio(episodes, tmp_path):
@@ -95,7 +104,7 @@ def test_one_element_per_generated_token_with_the_teachers_log_ratio(episodes, t
     assert len(tokens) == episode.num_generated > 0
     assert [e for e in page.elements if "data-logratio" in e["attrs"]] == tokens
     model = load_model("tiny-qwen3")
-    expected = log_ratios_by_plain_forward(episode, model, model)
+    expected, teacher_top, student_top = plain_forward(episode, model, model)
     shown = [float(e["attrs"]["data-logratio"]) for e in tokens]
     assert max(abs(v) for v in expected) > 0.01  # the feedback moves the teacher
     assert shown == pytest.approx(expected, abs=1e-4)
@@ -113,10 +122,15 @@ def test_one_element_per_generated_token_with_the_teachers_log_ratio(episodes, t
     # one top-5 pair per token, probabilities in decreasing order
     data = json.loads(next(e for e in page.elements if e["attrs"].get("id") == "fd-data")["text"])
     assert len(data) == len(tokens)
-    for d, value in zip(data, expected, strict=True):
-        assert len(d["t"]) == len(d["s"]) == 5
-        assert [p for _, p in d["t"]] == sorted((p for _, p in d["t"]), reverse=True)
+    def visible(ids):
+        return [tokenizer.decode([i]).replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
+                for i in ids]
+
+    for n, (d, value) in enumerate(zip(data, expected, strict=True)):
         assert math.log(d["pt"]) - math.log(d["ps"]) == pytest.approx(value, abs=2e-3)
+        for shown_top, (ids, probs) in ((d["t"], teacher_top), (d["s"], student_top)):
+            assert [t for t, _ in shown_top] == visible(ids[n])
+            assert [p for _, p in shown_top] == pytest.approx(probs[n], rel=1e-3)
 
 
 def test_a_checkpoints_ema_teacher_is_the_teacher(episodes, tmp_path):
@@ -142,6 +156,10 @@ def test_hostile_text_stays_text_and_nothing_is_loaded(episodes, tmp_path):
     assert HOSTILE in "".join(e["text"] for e in page.elements if e["tag"] == "span")
     assert "alert(1)" in response
     assert page.with_class("feedback")[0]["text"].strip().endswith(FEEDBACK)
+    # the tooltip data holds tokens such as "</" and "<|im_end|>": inside <script> they must stay escaped
+    data = next(e for e in page.elements if e["attrs"].get("id") == "fd-data")["text"]
+    assert "<" not in data and ">" not in data and "&" not in data
+    assert any("<" in d["x"] for d in json.loads(data)) and any("&" in d["x"] for d in json.loads(data))
     # nothing from elsewhere: no attribute that loads, no CSS url() or @import, no request from the script
     loading = {"src", "href", "srcset", "action", "formaction", "poster", "data", "background"}
     assert not [e for e in page.elements if loading & set(e["attrs"])]
