@@ -26,6 +26,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Series = tuple[list[int], list[float]]  # steps (increasing), values
 
@@ -141,22 +145,23 @@ def write_csv(path: Path, data: dict[str, dict[str, Curve]]) -> None:
                                  for p in curve.points)
 
 
-def draw(path: Path, data: dict[str, dict[str, Curve]], *, size: tuple[int, int],
-         title: str | None) -> None:
-    """One subplot per metric, a line per label, a min..max band where a label has several runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+def figure(data: dict[str, dict[str, Curve]], *, size: tuple[int, int], title: str | None) -> Figure:
+    """One subplot per metric, a line per label, a min..max band where a label has several runs with points."""
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     dpi = 100
-    fig, axes = plt.subplots(len(data), 1, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False,
-                             sharex=True, layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (metric, by_label) in zip(axes[:, 0], data.items(), strict=True):
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg backend renders to files; pyplot (and a display) is never involved
+    axes = fig.subplots(len(data), 1, squeeze=False, sharex=True)[:, 0]
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, by_label) in zip(axes, data.items(), strict=True):
         for i, (label, curve) in enumerate(by_label.items()):
-            color, points = colors[i % len(colors)], curve.points
+            if not curve.points:  # a label without this metric: no legend entry (main prints a note)
+                continue
+            color, points = colors[i % len(colors)], curve.points  # a label keeps its color in every subplot
             steps = [p.step for p in points]
             name = f"{label} (mean of {curve.runs} runs, band min..max)" if curve.runs > 1 else label
             ax.plot(steps, [p.mean for p in points], color=color, label=name, marker="." if len(points) < 30 else None)
@@ -167,16 +172,18 @@ def draw(path: Path, data: dict[str, dict[str, Curve]], *, size: tuple[int, int]
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    axes[-1, 0].set_xlabel("step")
+    axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, dpi=dpi)
-    except ValueError as e:  # an output suffix matplotlib has no writer for
+        fig.savefig(path)
+    except ValueError as e:  # a suffix matplotlib has no writer for
         raise PlotError(f"cannot write {path}: {e}") from None
-    finally:
-        plt.close(fig)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -218,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = list(dict.fromkeys(args.metric))
     try:
         data = curves(args.runs, labels, metrics, args.smooth)
-        draw(args.out, data, size=args.size or (900, 300 * len(metrics) + 60), title=args.title)
+        fig = figure(data, size=args.size or (900, 300 * len(metrics) + 60), title=args.title)
+        save(fig, args.out)
         if args.csv:
             write_csv(args.csv, data)
     except PlotError as e:
