@@ -30,7 +30,7 @@ def runs(tmp_path):
                                        2: {"train/entropy": 1.5, "train/kl": 0.25},
                                        3: {"train/entropy": 1.0, "train/kl": 0.125}})
     fd1 = write_run(tmp_path / "fd1", {1: {"train/entropy": 3.0, "train/kl": 0.75},
-                                       2: {"train/entropy": float("nan"), "train/kl": 0.5}})
+                                       2: {"train/entropy": float("nan"), "train/kl": 0.125}})
     grpo = write_run(tmp_path / "grpo", {1: {"train/entropy": 2.5}, 2: {"train/entropy": 2.25},
                                          3: {"train/entropy": 2.0}})
     return fd0, fd1, grpo
@@ -66,7 +66,7 @@ def test_seeds_are_a_mean_with_a_min_max_band(runs, tmp_path):
         row("train/entropy", "grpo", 2, 2.25, 2.25, 2.25, 1),
         row("train/entropy", "grpo", 3, 2.0, 2.0, 2.0, 1),
         row("train/kl", "fd", 1, (0.5 + 0.75) / 2, 0.5, 0.75, 2),
-        row("train/kl", "fd", 2, (0.25 + 0.5) / 2, 0.25, 0.5, 2),
+        row("train/kl", "fd", 2, (0.25 + 0.125) / 2, 0.125, 0.25, 2),  # the first seed is the high one
         row("train/kl", "fd", 3, 0.125, 0.125, 0.125, 1),
         # the GRPO run has no train/kl: nothing drawn for it, no error
     ]
@@ -91,6 +91,9 @@ def test_the_figure_has_a_subplot_per_metric_and_a_band_per_seeded_label(runs):
     assert (x0, x1, y0, y1) == (1, 3, 1.0, 3.0)
     assert [t.get_text() for t in kl.get_legend().get_texts()] == ["fd (mean of 2 runs, band min..max)"]
     assert fig.get_size_inches() * fig.dpi == pytest.approx([900, 660])
+    # a band is over the runs that have the metric: grpo has no train/kl
+    fig = figure(curves([fd0, fd1, grpo], ["all"] * 3, ["train/kl"], window=1), size=(900, 360), title=None)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["all (mean of 2 runs, band min..max)"]
 
 
 def test_default_labels_are_directory_names_and_default_size_grows_with_metrics(runs, tmp_path):
@@ -142,6 +145,8 @@ def test_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     assert f"{tmp_path / 'nowhere'} has no metrics.jsonl" in err
     err = error_of(capsys, [str(fd0), str(grpo), "--metric", "train/entrpy", *tail])
     assert "no run has the metric 'train/entrpy'; the metrics they have, closest first: train/entropy, train/kl" in err
+    err = error_of(capsys, [str(fd0), str(grpo), "--metric", "kl", *tail])
+    assert err.endswith("no run has the metric 'kl'; the metrics they have, closest first: train/kl, train/entropy\n")
     err = error_of(capsys, [str(fd0), str(fd1), str(grpo), "--labels", "fd", "grpo", "--metric", "train/kl", *tail])
     assert "--labels gives 2 labels for 3 run directories" in err
     bad = write_run(tmp_path / "bad", {1: {"m": 1.0}})
