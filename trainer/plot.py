@@ -10,8 +10,8 @@ two or three seeds that is what one can honestly show). At a step where only som
 have the metric, the mean and band are over those (the CSV's `n` says how many).
 `--smooth N` replaces each run's value by the mean of its last N points (a trailing
 moving average over the steps where the run has the metric; the first N-1 points average
-the points so far), before seeds are combined. A null value (a non-finite float in the
-log) is a missing point. `--csv FILE` writes every plotted point
+the points so far), before seeds are combined. A null value (what MetricsLogger writes
+for a non-finite float) or a NaN is a missing point. `--csv FILE` writes every plotted point
 (`metric,label,step,mean,low,high,n`) so a figure can be checked in numbers.
 """
 
@@ -59,7 +59,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise PlotError(f"{run_dir} has no metrics.jsonl")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PlotError(f"{path}: not UTF-8 text (byte {e.start})") from None
     lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
@@ -82,7 +85,7 @@ def series(records: Sequence[dict], metric: str, source: str = "") -> Series:
     by_step: dict[int, float] = {}
     for record in records:
         value = record.get(metric)
-        if value is None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):  # null, or NaN from elsewhere
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise PlotError(f"{source}: {metric} at step {record['step']} is not a number: {value!r}")
@@ -214,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=_window, default=1, metavar="N",
                    help="trailing moving average over N points of each run (default 1: none)")
     p.add_argument("--title", help="figure title")
-    p.add_argument("--size", type=_size, metavar="WxH", help="image size in pixels (default 900 x 300 per metric)")
+    p.add_argument("--size", type=_size, metavar="WxH",
+                   help="image size in pixels (default: 900 wide, 300 high per metric plus 60)")
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write the plotted points as CSV")
     return p
 

@@ -121,10 +121,11 @@ def test_smoothing_is_a_trailing_mean_per_run_before_seeds_combine(tmp_path):
                                row("m", "x", 3, 6.0, 6.0, 6.0, 1), row("m", "x", 4, 6.0, 4.0, 8.0, 2)]
 
 
-def test_a_live_runs_torn_last_line_is_left_out_and_a_repeated_step_keeps_its_last_value(tmp_path):
+def test_a_live_runs_torn_last_line_is_left_out_a_repeated_step_keeps_its_last_value_nan_is_a_gap(tmp_path):
     run = write_run(tmp_path / "live", {1: {"m": 1.0}, 2: {"m": 2.0}, 3: {"m": 3.0}})
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "m": 30.0}\n{"step": 4, "m": 4')  # step 3 again, then a record being written
+        # step 3 again, a NaN (not from MetricsLogger, which writes null), then a record being written
+        f.write('{"step": 3, "m": 30.0}\n{"step": 5, "m": NaN}\n{"step": 4, "m": 4')
     table = tmp_path / "live.csv"
     assert main([str(run), "--metric", "m", "--out", str(tmp_path / "live.png"), "--csv", str(table)]) == 0
     assert [(r["step"], r["mean"]) for r in read_csv(table)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
@@ -154,6 +155,10 @@ def test_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
         f.write('{"step": 2, "m": \n{"step": 3, "m": 3.0}\n')
     err = error_of(capsys, [str(bad), "--metric", "m", *tail])
     assert f"{bad / 'metrics.jsonl'}:2: not JSON" in err
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "metrics.jsonl").write_bytes(b'{"step": 1, "m": 1.0}\n\xff\n')
+    assert f"{binary / 'metrics.jsonl'}: not UTF-8 text" in error_of(capsys, [str(binary), "--metric", "m", *tail])
     text = write_run(tmp_path / "text", {1: {"m": "high"}})
     assert "m at step 1 is not a number: 'high'" in error_of(capsys, [str(text), "--metric", "m", *tail])
     assert "cannot write" in error_of(capsys, [str(fd0), "--metric", "train/kl", "--out", str(tmp_path / "e.xyz")])
