@@ -162,6 +162,10 @@ def test_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     text = write_run(tmp_path / "text", {1: {"m": "high"}})
     assert "m at step 1 is not a number: 'high'" in error_of(capsys, [str(text), "--metric", "m", *tail])
     assert "cannot write" in error_of(capsys, [str(fd0), "--metric", "train/kl", "--out", str(tmp_path / "e.xyz")])
+    for option in (["--smooth", "0"], ["--smooth", "two"], ["--size", "640"], ["--size", "50x50"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(fd0), "--metric", "train/kl", *option, *tail])
+        assert exit_.value.code == 2 and f"argument {option[0]}: " in capsys.readouterr().err
     assert not out.exists() and not table.exists()
 
 
