@@ -3,10 +3,11 @@
     python scripts/length_hist.py "initial, no feedback=RUN/initial-nofeedback/lengths.jsonl" \\
         "trained, last step=RUN/const-one-sentence-s0/lengths.jsonl@6" --out lengths.png
 
-Each argument is LABEL=FILE[,FILE...][@V] (several files: seeds pooled): FILE is JSONL with `num_generated` on every line (an episode
-log or the `lengths.jsonl` of docs/runs); `@V` keeps the episodes of policy version V and later
-(those generated after V optimizer steps). Prints each label's count, mean and median, and plots
-the fraction of episodes at or below each length (a cap shows as the jump at the end).
+Each argument is LABEL=FILE[,FILE...][@V] (several files: seeds pooled). FILE is JSONL with
+`num_generated` on every line (an episode log or the `lengths.jsonl` of docs/runs); `@V` keeps
+the episodes of policy version V and later (those generated after V optimizer steps). Prints
+each label's count, mean and median, and plots the fraction of episodes at or below each length
+(a cap shows as the jump at the end).
 """
 
 from __future__ import annotations

@@ -494,8 +494,9 @@ class MetricsLogger:
             except ImportError:
                 raise ImportError("wandb logging was asked for (wandb_project is set) but wandb is not installed: "
                                   "pip install wandb, or leave wandb_project unset") from None
+            # named after the run directory, as in `trainer.plot`, so that synced runs are recognisable
             self._run = wandb.init(project=wandb_project, mode=wandb_mode, config=config or {},
-                                   dir=str(self.path.parent))
+                                   dir=str(self.path.parent), name=self.path.parent.name)
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

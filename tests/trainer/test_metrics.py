@@ -1,7 +1,6 @@
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -347,27 +346,3 @@ def test_logger_without_wandb_installed_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install wandb"):
         MetricsLogger(tmp_path / "metrics.jsonl", wandb_project="fd-prover")
     MetricsLogger(tmp_path / "metrics.jsonl").close()  # without a project, wandb is never imported
-
-
-def test_logger_mirrors_to_wandb(tmp_path, monkeypatch):
-    calls = []
-
-    class Run:
-        def log(self, metrics, step):
-            calls.append(("log", metrics, step))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    def init(**kwargs):
-        calls.append(("init", kwargs))
-        return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    logger = MetricsLogger(tmp_path / "metrics.jsonl", wandb_project="fd-prover", config={"lr": 1e-5})
-    logger.log(7, {"train/accuracy": 0.5})
-    logger.close()
-    assert calls == [("init", {"project": "fd-prover", "mode": "offline", "config": {"lr": 1e-5},
-                               "dir": str(tmp_path)}),
-                     ("log", {"train/accuracy": 0.5}, 7), ("finish",)]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 7, "train/accuracy": 0.5}
