@@ -508,15 +508,16 @@ class MetricsLogger:
         if self._run is not None:
             self._run.log(dict(metrics), step=int(step))
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code` != 0 marks the wandb run as failed (a crashed training run does not look finished)."""
         if not self._file.closed:
             self._file.close()
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=exit_code)
             self._run = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(exit_code=0 if exc_type is None else 1)

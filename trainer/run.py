@@ -342,13 +342,13 @@ class Trainer:
                 "checkpoint": str(checkpoint / "model") if checkpoint else None,
                 "last_step": {k: v for k, v in last.items() if not k.startswith("epistemic/")}}
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.backend.close()
         if self.feedback_backend is not None:
             self.feedback_backend.close()
         self.rollout.prover.close()
         if self.logger is not None:
-            self.logger.close()
+            self.logger.close(exit_code=exit_code)
         distributed.close()
 
 
@@ -370,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = trainer.train()
-        distributed.print0(json.dumps(summary))
     except FeedbackError as e:
+        trainer.close(exit_code=1)  # first, so that the error is the last line printed
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(exit_code=1)
+        raise
+    distributed.print0(json.dumps(summary))
+    trainer.close()
     return 0
 
 

@@ -123,7 +123,8 @@ def test_embedded_default_completes(tmp_path):
 
 def _claude_run(out_dir, server, *overrides):
     """A one-step FD run whose Claude feedback goes to a local stand-in for the Messages API."""
-    env = {**os.environ, "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "test-key"}
+    env = {**os.environ, "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "test-key",
+           **{var: str(out_dir / "wandb-home") for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}}
     return subprocess.run([sys.executable, "-m", "trainer.run", *TINY, f"out_dir={out_dir}", "algorithm=fd",
                            "feedback=claude", "steps=1", "checkpoint_every=0", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -137,16 +138,21 @@ def test_a_feedback_failure_stops_the_run_with_its_reason_or_is_skipped_and_coun
     (The Anthropic API cannot be reached here: a local server speaking its Messages API stands in.)"""
     from tests.agent.test_feedback import MessagesServer
 
+    from tests.trainer.test_wandb import read_records
+
     with MessagesServer([BAD_REQUEST]) as server:
-        failed = _claude_run(tmp_path / "fail", server)
+        failed = _claude_run(tmp_path / "fail", server, "wandb_project=fd-test")
     assert failed.returncode == 1, failed.stderr[-2000:]
     last = failed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step 1: feedback failed for 1 of 2 episodes") and "prompt is too long" in last
     with MessagesServer([BAD_REQUEST]) as server:
-        skipped = _claude_run(tmp_path / "skip", server, "feedback_failures=skip")
+        skipped = _claude_run(tmp_path / "skip", server, "feedback_failures=skip", "wandb_project=fd-test")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     (row,) = metrics(tmp_path / "skip")
     assert row["train/feedback_failures"] == 1.0 and row["train/episodes_used"] == 1.0
+    for run, exit_code in [("fail", 1), ("skip", 0)]:  # the offline wandb run says whether the run failed
+        (wandb_file,) = (tmp_path / run / "wandb").glob("offline-run-*/run-*.wandb")
+        assert read_records(wandb_file)[-1].exit.exit_code == exit_code
 
 
 def test_claude_feedback_is_cached_under_the_run_so_a_rerun_step_asks_nothing(tmp_path):

@@ -108,3 +108,13 @@ def test_a_second_logger_in_the_same_process_is_a_second_run(offline):
     assert len(files) == 2
     steps = sorted(row["_step"] for f in files for row in history(read_records(f)))
     assert steps == [1, 2]
+
+
+def test_a_run_that_raises_is_marked_failed_in_wandb(offline):
+    path = offline / "crashed" / "metrics.jsonl"
+    with pytest.raises(RuntimeError), MetricsLogger(path, wandb_project="fd-prover") as logger:
+        logger.log(1, {"train/accuracy": 0.0})
+        raise RuntimeError("the step failed")
+    (run,) = (offline / "crashed" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_records(run)
+    assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 1
