@@ -137,7 +137,6 @@ def test_a_feedback_failure_stops_the_run_with_its_reason_or_is_skipped_and_coun
     """The feedback source promises one clear error; the trainer must not drop such episodes silently.
     (The Anthropic API cannot be reached here: a local server speaking its Messages API stands in.)"""
     from tests.agent.test_feedback import MessagesServer
-
     from tests.trainer.test_wandb import read_records
 
     with MessagesServer([BAD_REQUEST]) as server:
