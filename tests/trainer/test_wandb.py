@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -26,8 +27,20 @@ _BLOCK, _CHUNK_HEADER = 32768, 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    data = path.read_bytes()
+def read_records(path: Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The run's records once its exit record is on disk: `finish()` returns before wandb's service
+    process has written everything (seen under load), so wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _parse(path.read_bytes())
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse(data: bytes) -> list[wandb_internal_pb2.Record]:
+    if len(data) < 7:
+        return []
     assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), data[:7]
     records, parts, pos = [], [], 7
     while pos + _CHUNK_HEADER <= len(data):
@@ -36,7 +49,9 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])
         chunk = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
-        assert len(chunk) == length and zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad chunk at {pos}"
+        if len(chunk) < length:  # still being written
+            break
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad chunk at {pos}"
         pos += _CHUNK_HEADER + length
         parts.append(chunk)
         if kind in (_FULL, _LAST):
@@ -46,8 +61,7 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             parts = []
         else:
             assert kind in (_FIRST, _MIDDLE), kind
-    assert pos == len(data) and not parts, "the file ends inside a record"
-    return records
+    return records  # a record still being written (parts left over) is not returned
 
 
 def history(records: list[wandb_internal_pb2.Record]) -> list[dict]:
