@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from agent.episode import Feedback
 from tests.agent.test_episode import make_episode
 from trainer.attention import PACKED_SDPA
 from trainer.batches import TrainSequence, micro_batches, student_batch, teacher_batch
@@ -73,8 +74,13 @@ def test_from_episode():
     episode = make_episode()
     s = TrainSequence.from_episode(episode, advantage=0.5)
     assert s.input_ids == episode.token_ids and s.prompt_len == 2 and s.num_loss_tokens == 2
+    assert s.advantage == 0.5 and s.teacher_prompt_ids is None and s.loss_mask == episode.loss_mask
     with pytest.raises(ValueError, match="no feedback"):
         TrainSequence.from_episode(episode, with_teacher=True)
+    feedback = Feedback("compiler", "error at line 1", [{"role": "user", "content": "y"}], [7, 8, 9, 10])
+    s = TrainSequence.from_episode(make_episode(feedback=feedback), advantage=-1.5, with_teacher=True)
+    assert s.teacher_prompt_ids == [7, 8, 9, 10] and s.advantage == -1.5
+    assert teacher_batch([s], device="cpu").input_ids.tolist() == [[7, 8, 9, 10, 3, 4, 5]]
 
 
 def random_sequences(vocab, n=8, seed=0):
@@ -221,10 +227,11 @@ def test_packed_attention_leaves_other_calls_unchanged(tiny_model):
 class MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.elementwise = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        self.elementwise += func.overloadpacket in (torch.ops.aten.rsqrt, torch.ops.aten.silu)  # norms, activation
         return func(*args, **(kwargs or {}))
 
 
@@ -241,10 +248,11 @@ def test_selective_checkpointing_recomputes_no_matmul(tiny_model):
             checkpoint_activations(student, mode)
         with MatmulCount() as counter:
             backward("fd", student, teacher, sequences, token_budget=10_000, chunk=7)
-        results[mode] = (counter.count, grads(student))
+        results[mode] = (counter.count, grads(student), counter.elementwise)
     # q, k, v, o, gate and up again per layer; not down: recomputation stops once backward has what it needs
     assert results["full"][0] == results["none"][0] + 6 * tiny_model.config.num_hidden_layers
     assert results["selective"][0] == results["none"][0]
+    assert results["selective"][2] > results["none"][2]  # the elementwise ops do run again: less is kept
     for mode in ("full", "selective"):
         for a, b in zip(results[mode][1], results["none"][1], strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
