@@ -153,7 +153,7 @@ def padded_hidden(model, rows, starts, masks):
     return hidden.reshape(-1, hidden.shape[-1])[index]
 
 
-def padded_backward(algorithm, student, teacher, sequences):
+def padded_backward(algorithm, student, teacher, sequences, kl_coef=0.1):
     """The reference step: padded rows, full-vocabulary logits, the unfused GRPO loss; loss_sum, and the gradient."""
     from trainer.losses import chunked_token_stats, grpo_loss
 
@@ -178,7 +178,7 @@ def padded_backward(algorithm, student, teacher, sequences):
         adv = torch.tensor([s.advantage for s in sequences for m in s.loss_mask[s.prompt_len:] if m],
                            dtype=torch.float64, device=student.device)
         loss, _ = grpo_loss(logprobs, logprobs.detach(), ref, adv, torch.ones(total, device=student.device),
-                            clip_eps=0.2, kl_coef=0.1)
+                            clip_eps=0.2, kl_coef=kl_coef)
     (loss / total).backward()
     return float(loss.detach())
 
@@ -203,6 +203,38 @@ def test_packed_equals_padded(tiny_model, algorithm, attention):
     assert len(got) == len(want) > 0
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_grpo_without_a_reference_or_a_kl_coefficient_has_no_kl_term(tiny_model):
+    """No reference model, or kl_coef 0 (then the reference is not even run): the padded step's loss and
+    gradient without the KL term, and no KL statistic."""
+    from trainer.algorithms import grpo_backward
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    want_loss = padded_backward("grpo", student, teacher, sequences, kl_coef=0.0)
+    want = grads(student)
+    for reference, kl_coef in ((None, 0.1), (teacher, 0.0)):
+        student.zero_grad()
+        stats = grpo_backward(student, reference, sequences, clip_eps=0.2, kl_coef=kl_coef, token_budget=10_000,
+                              chunk=7, pad_id=0)
+        assert "grpo/kl_sum" not in stats
+        assert stats["loss_sum"] == pytest.approx(want_loss, rel=1e-10)
+        for a, b in zip(grads(student), want, strict=True):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_the_lm_heads_see_at_most_chunk_rows_of_logits(tiny_model, algorithm):
+    """`chunk` bounds the logits of every head the step runs: the student's, the teacher's, the reference's."""
+    from tests.trainer.test_losses import _LogitProbe
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    assert sum(s.num_loss_tokens for s in sequences) > 7
+    with _LogitProbe(student.config.vocab_size, student.config.hidden_size) as probe:
+        backward(algorithm, student, teacher, sequences, token_budget=10_000, chunk=7)
+    assert 0 < probe.max_rows <= 7
 
 
 def test_packed_attention_leaves_other_calls_unchanged(tiny_model):
