@@ -153,7 +153,7 @@ def padded_hidden(model, rows, starts, masks):
     return hidden.reshape(-1, hidden.shape[-1])[index]
 
 
-def padded_backward(algorithm, student, teacher, sequences, kl_coef=0.1):
+def padded_backward(algorithm, student, teacher, sequences, kl_coef=0.1, renormalize=False):
     """The reference step: padded rows, full-vocabulary logits, the unfused GRPO loss; loss_sum, and the gradient."""
     from trainer.losses import chunked_token_stats, grpo_loss
 
@@ -167,6 +167,8 @@ def padded_backward(algorithm, student, teacher, sequences, kl_coef=0.1):
             t_hidden = padded_hidden(teacher, [s.teacher_prompt_ids + s.response_ids for s in sequences],
                                      [len(s.teacher_prompt_ids) for s in sequences], masks)
             probs, ids = torch.softmax(t_hidden @ teacher.lm_head.weight.T, -1).topk(5, dim=-1)
+            if renormalize:
+                probs = probs / probs.sum(-1, keepdim=True)
         logq = torch.log_softmax(hidden @ student.lm_head.weight.T, -1).gather(-1, ids)
         loss = -(probs * logq).sum()
     else:
@@ -202,6 +204,21 @@ def test_packed_equals_padded(tiny_model, algorithm, attention):
     got = grads(student)
     assert len(got) == len(want) > 0
     for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_fd_renormalized_equals_padded(tiny_model):
+    """renormalize=True reaches the loss: the padded step with the teacher's top K renormalised."""
+    from trainer.algorithms import fd_backward
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    want_loss = padded_backward("fd", student, teacher, sequences, renormalize=True)
+    want = grads(student)
+    student.zero_grad()
+    stats = fd_backward(student, teacher, sequences, top_k=5, renormalize=True, token_budget=10_000, chunk=7, pad_id=0)
+    assert stats["loss_sum"] == pytest.approx(want_loss, rel=1e-10)
+    for a, b in zip(grads(student), want, strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
