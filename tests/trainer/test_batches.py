@@ -63,6 +63,10 @@ def test_micro_batches_are_balanced_by_tokens():
         batches = micro_batches(s, budget)
         assert sorted(id(x) for b in batches for x in b) == sorted(id(x) for x in s)
         assert all(sum(x.length for x in b) <= budget or len(b) == 1 for b in batches)
+    same = [seq(1, [1, 1], start=i * 10) for i in range(4)]
+    assert lengths(micro_batches(same, token_budget=10)) == [[3, 3], [3, 3]]  # balanced, not filled in turn
+    tight = [seq(1, [1] * (n - 1), start=i * 10) for i, n in enumerate([6, 6, 5, 1])]  # 2 x 10 cannot hold them
+    assert lengths(micro_batches(tight, token_budget=10)) == [[6], [6], [5, 1]]  # a third, then the least filled
     assert micro_batches([], 16) == []
     with pytest.raises(ValueError, match="token_budget"):
         micro_batches(s, 0)
@@ -133,10 +137,20 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
         results.append((stats, grads(student)))
     (s1, g1), (s8, g8) = results
     assert s1["tokens"] == s8["tokens"] == sum(s.num_loss_tokens for s in sequences)
-    assert s1["loss_sum"] == pytest.approx(s8["loss_sum"], rel=1e-9)
+    assert s1 == pytest.approx(s8, rel=1e-9)  # every statistic is summed over the micro-batches
     assert len(g1) == len(g8) > 0
     for a, b in zip(g1, g8, strict=True):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_a_step_without_trained_tokens_changes_nothing(tiny_model, algorithm):
+    """Only prompt and tool-output tokens: no statistics and no gradient (not 0 / 0 = NaN)."""
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = [TrainSequence(s.input_ids, s.prompt_len, [0] * len(s.loss_mask), s.teacher_prompt_ids, s.advantage)
+                 for s in random_sequences(student.config.vocab_size, n=2)]
+    assert backward(algorithm, student, teacher, sequences, token_budget=10_000, chunk=7) == {}
+    assert grads(student) == []
 
 
 def padded_hidden(model, rows, starts, masks):
