@@ -130,6 +130,8 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
     """Accumulated gradients do not depend on how a step is split into micro-batches."""
     student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
+    s = sequences[3]  # all prompt and tool output: alone, a micro-batch with no trained position
+    sequences[3] = TrainSequence(s.input_ids, s.prompt_len, [0] * len(s.loss_mask), s.teacher_prompt_ids, s.advantage)
     results = []
     for budget in (10_000, 1):  # one micro-batch of 8, then 8 of one
         student.zero_grad()
