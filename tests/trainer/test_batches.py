@@ -140,6 +140,11 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
     (s1, g1), (s8, g8) = results
     assert s1["tokens"] == s8["tokens"] == sum(s.num_loss_tokens for s in sequences)
     assert s1 == pytest.approx(s8, rel=1e-9)  # every statistic is summed over the micro-batches
+    tokens = s1["tokens"]
+    if algorithm == "fd":
+        assert 0 < s1["fd/teacher_mass_sum"] <= tokens and s1["entropy_sum"] > 0
+    else:  # the old policy is the current one: every ratio is 1
+        assert s1["grpo/ratio_sum"] == pytest.approx(tokens) and s1["grpo/kl_sum"] > 0 and s1["entropy_sum"] > 0
     assert len(g1) == len(g8) > 0
     for a, b in zip(g1, g8, strict=True):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
