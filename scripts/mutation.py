@@ -15,6 +15,7 @@ whose tests run real provers: it is not part of CI.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ MODULES = {
     "env/provers/rocq_text.py": ["tests/env/test_rocq_text.py"],
     "trainer/losses.py": ["tests/trainer/test_losses.py"],
     "trainer/batches.py": ["tests/trainer/test_batches.py"],
-    "trainer/algorithms.py": ["tests/trainer/test_losses.py", "tests/trainer/test_batches.py"],
+    "trainer/algorithms.py": ["tests/trainer/test_batches.py"],
     "agent/rollout.py": ["tests/agent/test_rollout.py"],
     "env/provers/rocq.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
@@ -60,8 +61,13 @@ def main() -> int:
                     f"source_paths = {[str(m) for m in args.modules]!r}\n"
                     f"pytest_add_cli_args_test_selection = {tests!r}\n"
                     # the tests' imports need the rest of the code beside the mutated modules
-                    f"also_copy = {['env', 'agent', 'trainer', 'data', 'lean_project', 'configs']!r}\n")
-        subprocess.run(["mutmut", "run"], cwd=work, stdout=subprocess.DEVNULL, check=False)
+                    f"also_copy = {['env', 'agent', 'trainer', 'data', 'lean_project', 'configs']!r}\n"
+                    # torch's thread pools do not survive a fork of a process that has used them: the
+                    # mutants fork from a server that has only imported the tests
+                    'process_isolation = "forkserver"\n')
+        # one thread per test process: mutmut runs one per core, and more threads only wait on each other
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(["mutmut", "run"], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
                                  text=True, check=True).stdout
         counts: dict[str, Counter] = defaultdict(Counter)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from agent.episode import Feedback
 from tests.agent.test_episode import make_episode
 from trainer.attention import PACKED_SDPA
 from trainer.batches import TrainSequence, micro_batches, student_batch, teacher_batch
@@ -62,6 +63,10 @@ def test_micro_batches_are_balanced_by_tokens():
         batches = micro_batches(s, budget)
         assert sorted(id(x) for b in batches for x in b) == sorted(id(x) for x in s)
         assert all(sum(x.length for x in b) <= budget or len(b) == 1 for b in batches)
+    same = [seq(1, [1, 1], start=i * 10) for i in range(4)]
+    assert lengths(micro_batches(same, token_budget=10)) == [[3, 3], [3, 3]]  # balanced, not filled in turn
+    tight = [seq(1, [1] * (n - 1), start=i * 10) for i, n in enumerate([6, 6, 5, 1])]  # 2 x 10 cannot hold them
+    assert lengths(micro_batches(tight, token_budget=10)) == [[6], [6], [5, 1]]  # a third, then the least filled
     assert micro_batches([], 16) == []
     with pytest.raises(ValueError, match="token_budget"):
         micro_batches(s, 0)
@@ -73,8 +78,13 @@ def test_from_episode():
     episode = make_episode()
     s = TrainSequence.from_episode(episode, advantage=0.5)
     assert s.input_ids == episode.token_ids and s.prompt_len == 2 and s.num_loss_tokens == 2
+    assert s.advantage == 0.5 and s.teacher_prompt_ids is None and s.loss_mask == episode.loss_mask
     with pytest.raises(ValueError, match="no feedback"):
         TrainSequence.from_episode(episode, with_teacher=True)
+    feedback = Feedback("compiler", "error at line 1", [{"role": "user", "content": "y"}], [7, 8, 9, 10])
+    s = TrainSequence.from_episode(make_episode(feedback=feedback), advantage=-1.5, with_teacher=True)
+    assert s.teacher_prompt_ids == [7, 8, 9, 10] and s.advantage == -1.5
+    assert teacher_batch([s], device="cpu").input_ids.tolist() == [[7, 8, 9, 10, 3, 4, 5]]
 
 
 def random_sequences(vocab, n=8, seed=0):
@@ -120,6 +130,8 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
     """Accumulated gradients do not depend on how a step is split into micro-batches."""
     student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
+    s = sequences[3]  # all prompt and tool output: alone, a micro-batch with no trained position
+    sequences[3] = TrainSequence(s.input_ids, s.prompt_len, [0] * len(s.loss_mask), s.teacher_prompt_ids, s.advantage)
     results = []
     for budget in (10_000, 1):  # one micro-batch of 8, then 8 of one
         student.zero_grad()
@@ -127,10 +139,25 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
         results.append((stats, grads(student)))
     (s1, g1), (s8, g8) = results
     assert s1["tokens"] == s8["tokens"] == sum(s.num_loss_tokens for s in sequences)
-    assert s1["loss_sum"] == pytest.approx(s8["loss_sum"], rel=1e-9)
+    assert s1 == pytest.approx(s8, rel=1e-9)  # every statistic is summed over the micro-batches
+    tokens = s1["tokens"]
+    if algorithm == "fd":
+        assert 0 < s1["fd/teacher_mass_sum"] <= tokens and s1["entropy_sum"] > 0
+    else:  # the old policy is the current one: every ratio is 1
+        assert s1["grpo/ratio_sum"] == pytest.approx(tokens) and s1["grpo/kl_sum"] > 0 and s1["entropy_sum"] > 0
     assert len(g1) == len(g8) > 0
     for a, b in zip(g1, g8, strict=True):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_a_step_without_trained_tokens_changes_nothing(tiny_model, algorithm):
+    """Only prompt and tool-output tokens: no statistics and no gradient (not 0 / 0 = NaN)."""
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = [TrainSequence(s.input_ids, s.prompt_len, [0] * len(s.loss_mask), s.teacher_prompt_ids, s.advantage)
+                 for s in random_sequences(student.config.vocab_size, n=2)]
+    assert backward(algorithm, student, teacher, sequences, token_budget=10_000, chunk=7) == {}
+    assert grads(student) == []
 
 
 def padded_hidden(model, rows, starts, masks):
@@ -147,7 +174,7 @@ def padded_hidden(model, rows, starts, masks):
     return hidden.reshape(-1, hidden.shape[-1])[index]
 
 
-def padded_backward(algorithm, student, teacher, sequences):
+def padded_backward(algorithm, student, teacher, sequences, kl_coef=0.1, renormalize=False):
     """The reference step: padded rows, full-vocabulary logits, the unfused GRPO loss; loss_sum, and the gradient."""
     from trainer.losses import chunked_token_stats, grpo_loss
 
@@ -161,6 +188,8 @@ def padded_backward(algorithm, student, teacher, sequences):
             t_hidden = padded_hidden(teacher, [s.teacher_prompt_ids + s.response_ids for s in sequences],
                                      [len(s.teacher_prompt_ids) for s in sequences], masks)
             probs, ids = torch.softmax(t_hidden @ teacher.lm_head.weight.T, -1).topk(5, dim=-1)
+            if renormalize:
+                probs = probs / probs.sum(-1, keepdim=True)
         logq = torch.log_softmax(hidden @ student.lm_head.weight.T, -1).gather(-1, ids)
         loss = -(probs * logq).sum()
     else:
@@ -172,7 +201,7 @@ def padded_backward(algorithm, student, teacher, sequences):
         adv = torch.tensor([s.advantage for s in sequences for m in s.loss_mask[s.prompt_len:] if m],
                            dtype=torch.float64, device=student.device)
         loss, _ = grpo_loss(logprobs, logprobs.detach(), ref, adv, torch.ones(total, device=student.device),
-                            clip_eps=0.2, kl_coef=0.1)
+                            clip_eps=0.2, kl_coef=kl_coef)
     (loss / total).backward()
     return float(loss.detach())
 
@@ -199,6 +228,53 @@ def test_packed_equals_padded(tiny_model, algorithm, attention):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
+def test_fd_renormalized_equals_padded(tiny_model):
+    """renormalize=True reaches the loss: the padded step with the teacher's top K renormalised."""
+    from trainer.algorithms import fd_backward
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    want_loss = padded_backward("fd", student, teacher, sequences, renormalize=True)
+    want = grads(student)
+    student.zero_grad()
+    stats = fd_backward(student, teacher, sequences, top_k=5, renormalize=True, token_budget=10_000, chunk=7, pad_id=0)
+    assert stats["loss_sum"] == pytest.approx(want_loss, rel=1e-10)
+    for a, b in zip(grads(student), want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_grpo_without_a_reference_or_a_kl_coefficient_has_no_kl_term(tiny_model):
+    """No reference model, or kl_coef 0 (then the reference is not even run): the padded step's loss and
+    gradient without the KL term, and no KL statistic."""
+    from trainer.algorithms import grpo_backward
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    want_loss = padded_backward("grpo", student, teacher, sequences, kl_coef=0.0)
+    want = grads(student)
+    for reference, kl_coef in ((None, 0.1), (teacher, 0.0)):
+        student.zero_grad()
+        stats = grpo_backward(student, reference, sequences, clip_eps=0.2, kl_coef=kl_coef, token_budget=10_000,
+                              chunk=7, pad_id=0)
+        assert "grpo/kl_sum" not in stats
+        assert stats["loss_sum"] == pytest.approx(want_loss, rel=1e-10)
+        for a, b in zip(grads(student), want, strict=True):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_the_lm_heads_see_at_most_chunk_rows_of_logits(tiny_model, algorithm):
+    """`chunk` bounds the logits of every head the step runs: the student's, the teacher's, the reference's."""
+    from tests.trainer.test_losses import _LogitProbe
+
+    student, teacher = student_and_teacher(tiny_model)
+    sequences = random_sequences(student.config.vocab_size)
+    assert sum(s.num_loss_tokens for s in sequences) > 7
+    with _LogitProbe(student.config.vocab_size, student.config.hidden_size) as probe:
+        backward(algorithm, student, teacher, sequences, token_budget=10_000, chunk=7)
+    assert 0 < probe.max_rows <= 7
+
+
 def test_packed_attention_leaves_other_calls_unchanged(tiny_model):
     """A model switched to the packed attention generates as before (left padding, KV cache); a row that
     does not hold the given lengths is refused."""
@@ -221,10 +297,11 @@ def test_packed_attention_leaves_other_calls_unchanged(tiny_model):
 class MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.elementwise = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        self.elementwise += func.overloadpacket in (torch.ops.aten.rsqrt, torch.ops.aten.silu)  # norms, activation
         return func(*args, **(kwargs or {}))
 
 
@@ -241,10 +318,11 @@ def test_selective_checkpointing_recomputes_no_matmul(tiny_model):
             checkpoint_activations(student, mode)
         with MatmulCount() as counter:
             backward("fd", student, teacher, sequences, token_budget=10_000, chunk=7)
-        results[mode] = (counter.count, grads(student))
+        results[mode] = (counter.count, grads(student), counter.elementwise)
     # q, k, v, o, gate and up again per layer; not down: recomputation stops once backward has what it needs
     assert results["full"][0] == results["none"][0] + 6 * tiny_model.config.num_hidden_layers
     assert results["selective"][0] == results["none"][0]
+    assert results["selective"][2] > results["none"][2]  # the elementwise ops do run again: less is kept
     for mode in ("full", "selective"):
         for a, b in zip(results[mode][1], results["none"][1], strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -117,6 +117,19 @@ def test_token_stats_match_reference(chunk):
         assert_close(g, w)
 
 
+def test_token_stats_differentiate_when_only_hidden_or_only_weight_requires_grad():
+    """A frozen LM head (or frozen hidden states) still gets the gradient of the other: the no-grad path
+    is for when neither requires one."""
+    hidden, weight = _student()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    upstream = torch.randn(N, dtype=F64, generator=torch.Generator().manual_seed(4))
+    want = _grads((_ref_token_stats(hidden, weight, targets)[0] * upstream).sum(), hidden, weight)
+    for i, (h, w) in enumerate([(hidden, weight.detach()), (hidden.detach(), weight)]):
+        logprobs, _ = chunked_token_stats(h, w, targets, chunk=7)
+        (got,) = _grads((logprobs * upstream).sum(), (h, w)[i])
+        assert_close(got, want[i])
+
+
 def test_token_stats_upcast_bf16_logits_to_fp32():
     """The product runs in bf16 (as on GPU tensor cores); the softmax runs in fp32."""
     hidden, weight = _student()
@@ -395,6 +408,21 @@ def test_fd_loss_in_low_precision_is_close_to_float64(dtype, tol):
         assert float((g.double() - wnt).norm() / wnt.norm()) < tol
 
 
+def test_fd_loss_upcasts_low_precision_teacher_probabilities_before_summing():
+    """A bf16 teacher's probabilities count as the same values in fp32: no bf16 sums in the loss, its
+    gradient or the statistics."""
+    hidden, weight = _student()
+    ids, probs = _teacher()
+    h, w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    low = probs.bfloat16()
+    for renormalize in (False, True):
+        loss, stats = fd_loss(h, w, ids, low, _mask(), renormalize=renormalize, chunk=7)
+        want, want_stats = fd_loss(h, w, ids, low.float(), _mask(), renormalize=renormalize, chunk=7)
+        assert loss.item() == want.item() and stats == want_stats
+        for got, expected in zip(_grads(loss, h, w), _grads(want, h, w), strict=True):
+            assert torch.equal(got, expected)
+
+
 # ---------------------------------------------------------------- the fused head: GRPO
 
 
@@ -420,6 +448,37 @@ def test_grpo_head_loss_matches_unfused(chunk, with_ref):
     assert ("grpo/kl_sum" in stats) == with_ref
     for got, expected in zip(_grads(loss, hidden, weight), _grads(want, hidden, weight), strict=True):
         assert_close(got, expected)
+
+
+def test_grpo_head_loss_without_gradient_gives_the_same_value_and_stats():
+    """Under no_grad (an evaluation of the loss) the head computes no gradient and the value is unchanged."""
+    hidden, weight = _student()
+    g = torch.Generator().manual_seed(12)
+    targets = torch.randint(0, V, (N,), generator=g)
+    ref, adv = -3 * torch.rand(N, generator=g, dtype=F64), torch.randn(N, generator=g, dtype=F64)
+    want, want_stats = grpo_head_loss(hidden, weight, targets, ref, adv, _mask(), kl_coef=0.1, chunk=7)
+    with torch.no_grad():
+        loss, stats = grpo_head_loss(hidden, weight, targets, ref, adv, _mask(), kl_coef=0.1, chunk=7)
+    assert not loss.requires_grad
+    assert loss.item() == want.item() and stats == want_stats
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_grpo_head_loss_in_low_precision_is_close_to_float64(dtype, tol):
+    """bf16 logits and gradient chunks (as on GPU), fp32 log-probabilities: within bf16 rounding of float64."""
+    hidden, weight = _student()
+    g = torch.Generator().manual_seed(12)
+    targets = torch.randint(0, V, (N,), generator=g)
+    ref, adv = -3 * torch.rand(N, generator=g, dtype=F64), torch.randn(N, generator=g, dtype=F64)
+    want, _ = grpo_head_loss(hidden, weight, targets, ref, adv, _mask(), kl_coef=0.1, chunk=7)
+    want_grads = _grads(want, hidden, weight)
+    h, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+    loss, _ = grpo_head_loss(h, w, targets, ref.float(), adv.float(), _mask(), kl_coef=0.1, chunk=7)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(want.item(), rel=tol)
+    for got, x, expected in zip(_grads(loss, h, w), (h, w), want_grads, strict=True):
+        assert got.dtype == x.dtype
+        assert float((got.double() - expected).norm() / expected.norm()) < tol
 
 
 def test_grpo_head_loss_micro_batching_and_empty_batches():
@@ -454,6 +513,7 @@ def test_grpo_head_loss_micro_batching_and_empty_batches():
 def test_row_kernels_compile_to_one_graph_and_match_eager():
     """What CUDA runs compiled (Triton there, C++ here): one graph, no recompilation for another row count."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: count this test's graphs only
     g = torch.Generator().manual_seed(14)
     for fn in (lm_head._logsumexp, lm_head._softmax_stats, lm_head._scaled_softmax):
         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -512,6 +572,7 @@ def test_logits_are_bounded_by_chunk_rows(chunk):
     for call in (
         lambda: teacher_topk(hidden, weight, k=k, chunk=chunk)[1].sum(),
         lambda: chunked_token_stats(hidden, weight, targets, chunk=chunk)[0].sum(),
+        lambda: chunked_token_stats(hidden, weight.detach(), targets, chunk=chunk)[0].sum(),  # a frozen head
         lambda: fd_loss(hidden, weight, ids, probs, mask, chunk=chunk)[0],
     ):
         with _LogitProbe(v, h) as probe:
@@ -554,6 +615,8 @@ def test_group_advantages_without_std_and_matches_reference():
         row = rewards[gi].tolist()
         want = [(r - statistics.mean(row)) / statistics.stdev(row) for r in row]
         assert adv[gi].tolist() == pytest.approx(want, rel=1e-10)
+    pair = group_advantages(torch.tensor([[1.0, 0.0]], dtype=F64), eps=0.0)  # std sqrt(0.5 / 1), not / 2
+    assert pair[0].tolist() == pytest.approx([math.sqrt(0.5), -math.sqrt(0.5)], rel=1e-12)
     lone = torch.tensor([[1.0], [0.0]])  # a group of one sample has no baseline to beat
     assert group_advantages(lone).eq(0).all() and group_advantages(lone, normalize_std=False).eq(0).all()
 
