@@ -106,24 +106,29 @@ class _Frames:
         self._eof = self._overflow = False
         self._limit = limit
         self._cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(fd,), name="lean-repl-reader", daemon=True).start()
+        # The thread reads its own duplicate of the pipe: the owner closes `fd` when it ends the
+        # process, and a new process's pipe can get the same number before this thread's next read.
+        threading.Thread(target=self._pump, args=(os.dup(fd),), name="lean-repl-reader", daemon=True).start()
 
     def _pump(self, fd: int) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except OSError:
-                chunk = b""
-            with self._cond:
-                if not chunk:
-                    self._eof = True
-                elif len(self._buffer) + len(chunk) > self._limit:
-                    self._overflow = True  # stop reading: the writer blocks until its process is ended
-                else:
-                    self._buffer += chunk
-                self._cond.notify_all()
-                if self._eof or self._overflow:
-                    return
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except OSError:
+                    chunk = b""
+                with self._cond:
+                    if not chunk:
+                        self._eof = True
+                    elif len(self._buffer) + len(chunk) > self._limit:
+                        self._overflow = True  # stop reading: the writer blocks until its process is ended
+                    else:
+                        self._buffer += chunk
+                    self._cond.notify_all()
+                    if self._eof or self._overflow:
+                        return
+        finally:
+            os.close(fd)
 
     def pending(self) -> bool:
         with self._cond:

@@ -122,3 +122,28 @@ def test_the_fake_refuses_requests_the_real_repl_would_not_parse():
     proc = subprocess.run([sys.executable, str(FAKE_REPL)], input='{"command": "theorem t : True := trivial"}\n\n',
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "Could not parse as a valid JSON command" in proc.stderr
+
+
+def test_a_reader_never_reads_the_next_process_s_pipe():
+    """The owner closes an ended process's stdout while its reader thread may still loop; the next
+    process's pipe can get the same descriptor number. The old reader must not take that pipe's replies
+    (seen under load as a fresh REPL whose import reply never arrived)."""
+    import os
+    import select
+
+    old_read, old_write = os.pipe()
+    frames = lean_repl._Frames(old_read, 1 << 20)
+    os.close(old_read)  # what ReplProcess.kill does with the ended process's stdout
+    new_read, new_write = os.pipe()
+    try:
+        if new_read != old_read:
+            pytest.skip("the descriptor number was not reused")
+        os.write(old_write, b'{"env": 0}\n\n')  # wakes the old reader, which reads again
+        assert frames.next(5) == '{"env": 0}'
+        time.sleep(0.3)
+        os.write(new_write, b'{"env": 1}\n\n')
+        ready, _, _ = select.select([new_read], [], [], 2)
+        assert ready and os.read(new_read, 100) == b'{"env": 1}\n\n'
+    finally:
+        for fd in (old_write, new_read, new_write):
+            os.close(fd)
