@@ -37,10 +37,16 @@ from torch.distributed.tensor import DTensor
 TIMEOUT = timedelta(hours=2)
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: cuda when available, else cpu; any other name unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(device: str) -> torch.device:
     """The training device; under torchrun (WORLD_SIZE > 1) also joins the process group."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return torch.device(device)
     if torch.device(device).type == "cuda":

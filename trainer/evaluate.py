@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProverUnavailableError as e:
         parser.exit(2, f"error: {e}\n")
     problems = load_problem_set(args.problems, prover)[: args.limit or None]
-    if args.device == "auto":
-        import torch
+    from trainer.distributed import resolve_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend, tokenizer = make_backend(args.backend, args.model, device=args.device, seed=args.seed)
+    backend, tokenizer = make_backend(args.backend, args.model, device=resolve_device(args.device), seed=args.seed)
     config = replace(RolloutConfig(), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      seed=args.seed, prompt_feedback=args.prompt_feedback)
     rollout = make_rollout(backend, tokenizer, prover, config, model_name=args.model)
