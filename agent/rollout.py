@@ -46,6 +46,10 @@ class RolloutConfig:
     # how a model behaves *with* a feedback (internalisation is judged against this, without it).
     prompt_feedback: str = ""
 
+    def __post_init__(self) -> None:
+        if self.max_concurrent_checks < 1:
+            raise ValueError(f"max_concurrent_checks must be at least 1, not {self.max_concurrent_checks}")
+
 
 class Rollout:
     """Runs episodes of one policy against one prover; `run` is safe to call for many episodes at once."""

@@ -18,8 +18,10 @@ initial model.
 from __future__ import annotations
 
 import functools
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -79,12 +81,41 @@ def plan(sequences: Sequence[TrainSequence], token_budget: int, pad_id: int) -> 
     return batches + [[empty]] * (count - len(batches)), total
 
 
+class ScoringTimer:
+    """Adds up the time of code blocks (the teacher's or reference's scoring) without synchronising the
+    GPU: CUDA events, read once at the end; wall time on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[Any, Any]] = []
+        self.cpu_seconds = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.cpu_seconds += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+        return self.cpu_seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1000
+
+
 def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[TrainSequence], *,
                 top_k: int, renormalize: bool, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the FD gradient of `sequences` into `student`; returns summed statistics."""
 
-    def micro_loss(batch: list[TrainSequence], s: Packed) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
+    def micro_loss(batch: list[TrainSequence], s: Packed, scoring: ScoringTimer) -> tuple[torch.Tensor,
+                                                                                           dict[str, float]]:
+        with torch.no_grad(), scoring():
             t = teacher_batch(batch, device=s.input_ids.device)
             ids, probs = teacher_topk(hidden_states(teacher, t), lm_head_weight(teacher), k=top_k, chunk=chunk)
         return fd_loss(hidden_states(student, s), lm_head_weight(student), ids, probs, None, renormalize=renormalize,
@@ -98,10 +129,11 @@ def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, se
                   clip_eps: float, kl_coef: float, token_budget: int, chunk: int, pad_id: int) -> dict[str, float]:
     """Accumulate the GRPO gradient; each sequence carries its (group-normalised) advantage."""
 
-    def micro_loss(batch: list[TrainSequence], s: Packed) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_loss(batch: list[TrainSequence], s: Packed, scoring: ScoringTimer) -> tuple[torch.Tensor,
+                                                                                           dict[str, float]]:
         ref = None
         if reference is not None and kl_coef > 0:
-            with torch.no_grad():
+            with torch.no_grad(), scoring():
                 ref, _ = chunked_token_stats(hidden_states(reference, s), lm_head_weight(reference), s.targets,
                                              chunk=chunk)
         advantages = torch.tensor([b.advantage for b in batch], dtype=torch.float32)
@@ -114,23 +146,26 @@ def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, se
     return _accumulate(policy, sequences, micro_loss, token_budget=token_budget, pad_id=pad_id)
 
 
-MicroLoss = Callable[[list[TrainSequence], Packed], tuple[torch.Tensor, dict[str, float]]]
+MicroLoss = Callable[[list[TrainSequence], Packed, ScoringTimer], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _accumulate(model: torch.nn.Module, sequences: Sequence[TrainSequence], micro_loss: MicroLoss, *,
                 token_budget: int, pad_id: int) -> dict[str, float]:
-    """Run `micro_loss` on each micro-batch, backpropagate its sum over the step's token count, add up stats."""
+    """Run `micro_loss` on each micro-batch, backpropagate its sum over the step's token count, add up stats
+    (and `scoring_seconds`: the time of the teacher's or reference's scoring, which `micro_loss` times)."""
     use_packed_attention(model)
     device = lm_head_weight(model).device
     batches, total = plan(sequences, token_budget, pad_id)
     stats: dict[str, float] = defaultdict(float)
     if total == 0:
         return dict(stats)
+    scoring = ScoringTimer(device)
     for batch in batches:
-        loss, batch_stats = micro_loss(batch, student_batch(batch, device=device))
+        loss, batch_stats = micro_loss(batch, student_batch(batch, device=device), scoring)
         (loss / total).backward()
         stats["loss_sum"] += float(loss.detach())
         for key, value in batch_stats.items():
             stats[key] += value
     stats["tokens"] = float(sum(seq.num_loss_tokens for seq in sequences))  # this rank's
+    stats["scoring_seconds"] = scoring.seconds()
     return dict(stats)

@@ -37,6 +37,8 @@ class TrainConfig:
                                          "a minute, and generates slower (tests, small runs)")
     vllm_sleep: bool = _f(True, "vLLM: release the engine's weights and KV cache while training (sleep mode); "
                                 "the weight sync after each step brings them back")
+    vllm_request_seeds: bool = _f(False, "vLLM: sample each episode from its own seed (slower: vLLM launches a "
+                                         "sampling kernel per seeded request and step); else the engine's seed")
     prover: Literal["auto", "lean", "rocq"] = _f("auto", "auto: Lean where the pinned Lake project is built, else Rocq")
     problems: str = _f("", "training problems (JSONL); default: our own set for the prover")
     # feedback (FD)
@@ -71,6 +73,8 @@ class TrainConfig:
     max_turns: int = _f(32, "tool calls per attempt")
     temperature: float = _f(1.0, "sampling temperature")
     check_timeout_s: float = _f(60.0, "seconds per prover check")
+    max_concurrent_checks: int = _f(2, "prover checks running at once on each rank (a process and a CPU core each; "
+                                       "the others' generation goes on meanwhile)")
     # numerics and memory
     device: str = _f("auto", "auto: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "auto: bfloat16 on GPU, float32 on CPU")
@@ -90,6 +94,20 @@ class TrainConfig:
     wandb_project: str = _f("", "log to this wandb project too (offline unless wandb_mode=online)")
     wandb_mode: Literal["offline", "online"] = _f("offline", "wandb mode")
     seed: int = _f(0, "seed for sampling, problem order and initialisation")
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_tokens", "top_k", "ema_every",
+                     "max_new_tokens", "max_turns", "max_concurrent_checks", "logit_chunk", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "eval_every", "keep_checkpoints", "kl_coef", "lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization is a share of a GPU, in (0, 1], "
+                              f"not {self.vllm_gpu_memory_utilization}")
+        if not 0 <= self.ema_alpha <= 1:
+            raise ConfigError(f"ema_alpha must lie in [0, 1], not {self.ema_alpha}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -116,7 +116,8 @@ class Trainer:
         self.backend = backend if backend is not None else self._make_backend(dtype)
         rollout_cfg = RolloutConfig(max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                                     max_turns=cfg.max_turns, temperature=cfg.temperature,
-                                    check_timeout_s=cfg.check_timeout_s, seed=cfg.seed)
+                                    check_timeout_s=cfg.check_timeout_s,
+                                    max_concurrent_checks=cfg.max_concurrent_checks, seed=cfg.seed)
         self.rollout = make_rollout(self.backend, self.tokenizer, self.prover, rollout_cfg, model_name=cfg.model,
                                     feedback=feedback)
         self.optimizer = torch.optim.AdamW(distributed.param_groups(self.policy), lr=cfg.lr,
@@ -144,10 +145,11 @@ class Trainer:
 
             # Under torchrun every rank starts its own engine, on its own GPU, for its share of the episodes.
             # Rollouts stop on token ids only, so the engine needs no tokenizer.
-            return VLLMBackend(model_path(self.cfg.model), dtype=dtype, seed=self.cfg.seed,
+            seed = self.cfg.seed * distributed.world_size() + distributed.rank()  # each rank's engine samples apart
+            return VLLMBackend(model_path(self.cfg.model), dtype=dtype, seed=seed,
                                gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization,
                                enable_sleep_mode=self.cfg.vllm_sleep, enforce_eager=self.cfg.vllm_enforce_eager,
-                               skip_tokenizer_init=True)
+                               request_seeds=self.cfg.vllm_request_seeds, skip_tokenizer_init=True)
         from agent.backends.hf import TransformersBackend
 
         model = copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -305,6 +307,8 @@ class Trainer:
         out = {"train/loss_tokens": tokens, "train/episodes_used": stats.get("episodes_used", 0.0)}
         if "feedback_failures" in stats:
             out["train/feedback_failures"] = stats["feedback_failures"]
+        if "scoring_seconds" in stats:  # summed over ranks: each rank's mean
+            out["time/scoring_s"] = stats["scoring_seconds"] / distributed.world_size()
         if tokens:
             out["train/loss"] = stats["loss_sum"] / tokens
             out["train/entropy"] = stats["entropy_sum"] / tokens

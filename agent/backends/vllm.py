@@ -10,6 +10,11 @@ What the backend relies on, and why:
 - Logprobs are those of the sampling distribution (`logprobs_mode="processed_logprobs"`: after
   temperature and top-p), which is what `Generation.logprobs` promises. At temperature 0
   (greedy) vLLM reports the untempered model's logprobs.
+- A request's `SamplingParams.seed` reaches vLLM only with `request_seeds=True`. vLLM draws a
+  seeded request's noise with a kernel launch of its own at every step (a Python loop over the
+  batch), which costs throughput (measured by `bench/vllm_generate.py`; numbers in the README);
+  and its bf16 logits depend on the batch a request shares, so a seed does not make a sample
+  reproducible anyway. By default the engine's own generator (seeded by `seed`) samples.
 - Exactly `SamplingParams.stop_token_ids` end generation (`ignore_eos=True`). Stop tokens and
   stop strings stay in the output.
 - New weights go in without ray and without pickle: the trainer packs them into buckets (flat
@@ -96,11 +101,12 @@ class CompletionOutputLike(Protocol):
     finish_reason: str | None  # "stop", "length", "abort", "error", "repetition"; None while unfinished
 
 
-def to_vllm_sampling_kwargs(params: SamplingParams, *, can_detokenize: bool) -> dict[str, Any]:
+def to_vllm_sampling_kwargs(params: SamplingParams, *, can_detokenize: bool, request_seeds: bool) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` that implement our `SamplingParams`.
 
     `can_detokenize` is False when the engine has no tokenizer; stop strings, which vLLM matches
     on decoded text, would then be ignored silently, so they are refused here instead.
+    `request_seeds` False leaves sampling to the engine's generator (see the module's notes).
     """
     if params.stop_strings and not can_detokenize:
         raise ValueError("stop strings need the model's tokenizer, but this engine skips it (skip_tokenizer_init)")
@@ -108,7 +114,7 @@ def to_vllm_sampling_kwargs(params: SamplingParams, *, can_detokenize: bool) -> 
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
-        "seed": params.seed,
+        "seed": params.seed if request_seeds else None,
         "stop_token_ids": list(params.stop_token_ids),
         "ignore_eos": True,  # only the caller's stop tokens end generation
         "stop": list(params.stop_strings),
@@ -216,6 +222,7 @@ class VLLMBackend:
         dtype: str = "auto",
         seed: int = 0,
         skip_tokenizer_init: bool = False,
+        request_seeds: bool = False,
     ) -> None:
         """Start the engine (a minute or more: weights, compilation, CUDA graphs).
 
@@ -224,7 +231,8 @@ class VLLMBackend:
         enable_sleep_mode: allow `sleep()`. enforce_eager: no CUDA graphs or compilation, so the
         engine starts in seconds rather than a minute and generates slower. max_model_len: prompt +
         generated tokens; None takes the model config's. skip_tokenizer_init: for model directories
-        without a tokenizer; stop strings are then refused.
+        without a tokenizer; stop strings are then refused. request_seeds: pass each request's
+        seed to vLLM (slower; see the module's notes); otherwise `seed` seeds the engine's sampling.
         """
         try:
             import vllm
@@ -241,6 +249,7 @@ class VLLMBackend:
         self._tokens_prompt = TokensPrompt
         self._final_only = RequestOutputKind.FINAL_ONLY  # one output per request, not a stream
         self._can_detokenize = not skip_tokenizer_init
+        self._request_seeds = request_seeds
         self._sleep_mode = enable_sleep_mode
         self._asleep_free: dict[int, int] | None = None  # while asleep: the bytes each GPU must have to wake
         self.policy_version = 0
@@ -305,7 +314,8 @@ class VLLMBackend:
         self._check_open()
         if self._asleep_free is not None:
             raise RuntimeError("the engine is asleep (its weights are released): update_weights wakes it")
-        kwargs = to_vllm_sampling_kwargs(params, can_detokenize=self._can_detokenize)
+        kwargs = to_vllm_sampling_kwargs(params, can_detokenize=self._can_detokenize,
+                                         request_seeds=self._request_seeds)
         sampling_params = self._vllm_sampling_params(**kwargs, output_kind=self._final_only)
         prompt = self._tokens_prompt(prompt_token_ids=list(prompt_ids))
         future = asyncio.run_coroutine_threadsafe(self._generate(prompt, sampling_params), self._loop)

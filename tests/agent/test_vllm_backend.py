@@ -75,7 +75,7 @@ def completion(token_ids, finish_reason, stop_reason=None):
 
 def test_sampling_kwargs_map_every_field():
     params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=64, stop_token_ids=(2, 7), seed=5)
-    kwargs = to_vllm_sampling_kwargs(params, can_detokenize=True)
+    kwargs = to_vllm_sampling_kwargs(params, can_detokenize=True, request_seeds=True)
     assert kwargs["temperature"] == 0.7 and kwargs["top_p"] == 0.9
     assert kwargs["max_tokens"] == 64 and kwargs["seed"] == 5
     assert kwargs["stop_token_ids"] == [2, 7] and kwargs["ignore_eos"] is True  # only our stop tokens stop
@@ -85,15 +85,21 @@ def test_sampling_kwargs_map_every_field():
 
 def test_stop_strings_are_kept_and_need_a_tokenizer():
     params = SamplingParams(stop_strings=("</tool_call>",))
-    kwargs = to_vllm_sampling_kwargs(params, can_detokenize=True)
+    kwargs = to_vllm_sampling_kwargs(params, can_detokenize=True, request_seeds=False)
     assert kwargs["stop"] == ["</tool_call>"] and kwargs["include_stop_str_in_output"] is True
     assert kwargs["detokenize"] is True and kwargs["skip_special_tokens"] is False
     with pytest.raises(ValueError, match="tokenizer"):
-        to_vllm_sampling_kwargs(params, can_detokenize=False)
+        to_vllm_sampling_kwargs(params, can_detokenize=False, request_seeds=False)
 
 
 def test_unseeded_request_leaves_the_seed_to_the_engine():
-    assert to_vllm_sampling_kwargs(SamplingParams(), can_detokenize=False)["seed"] is None
+    assert to_vllm_sampling_kwargs(SamplingParams(), can_detokenize=False, request_seeds=True)["seed"] is None
+
+
+def test_request_seeds_reach_vllm_only_when_asked():
+    params = SamplingParams(seed=11)
+    assert to_vllm_sampling_kwargs(params, can_detokenize=False, request_seeds=True)["seed"] == 11
+    assert to_vllm_sampling_kwargs(params, can_detokenize=False, request_seeds=False)["seed"] is None
 
 
 # --- completion outputs ---
@@ -314,6 +320,7 @@ class AsyncLLM024:
         self.fail_on: str | None = None  # a recorded call that raises instead
         self.paused = False
         self.asleep: set[str] = set()
+        self.seeds: list[int | None] = []  # each request's SamplingParams.seed
 
     @classmethod
     def from_engine_args(cls, engine_args, start_engine_loop=True, usage_context=UsageContext.ENGINE_CONTEXT,
@@ -331,6 +338,7 @@ class AsyncLLM024:
         assert isinstance(sampling_params, VLLMSamplingParams) and isinstance(request_id, str)
         assert not self.paused and not self.asleep, "a request was scheduled while the engine was paused"
         self.loops.add(asyncio.get_running_loop())
+        self.seeds.append(sampling_params.seed)
         self.started.set()
         while self.block:
             await asyncio.sleep(0.01)
@@ -465,6 +473,17 @@ def test_requests_from_several_event_loops_run_on_the_engine_loop(fake_vllm):
         assert backend.generated_tokens == 5  # counted by the engine's stat logger
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("request_seeds", [False, True])
+def test_request_seeds_setting_decides_what_the_engine_gets(fake_vllm, request_seeds):
+    backend = VLLMBackend("m", request_seeds=request_seeds)
+    engine = backend._engine
+    try:
+        asyncio.run(backend.generate([1], SamplingParams(max_new_tokens=1, seed=42)))
+    finally:
+        backend.close()
+    assert engine.seeds == [42 if request_seeds else None]
 
 
 def tiny_state(seed: int) -> dict[str, torch.Tensor]:
@@ -633,7 +652,7 @@ def test_engine_generates_syncs_weights_sleeps_and_matches_a_fresh_engine(tmp_pa
     old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
     old.save_pretrained(tmp_path / "old")
     new.save_pretrained(tmp_path / "new")
-    backend = VLLMBackend(str(tmp_path / "old"), **ENGINE)
+    backend = VLLMBackend(str(tmp_path / "old"), **ENGINE, request_seeds=True)
 
     def generate(engine=backend, **kwargs):
         return asyncio.run(engine.generate(PROMPT, SamplingParams(**kwargs)))
@@ -699,6 +718,35 @@ def test_engine_generates_syncs_weights_sleeps_and_matches_a_fresh_engine(tmp_pa
         fresh.close()
     assert again.token_ids == after.token_ids == started.token_ids
     assert again.logprobs == pytest.approx(started.logprobs, abs=0.02)
+
+
+@pytest.mark.gpu
+@requires_vllm_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs (tensor parallelism)")
+def test_tensor_parallel_engine_generates_and_syncs_like_one_gpu(tmp_path):
+    """An engine over two GPUs (each holds half of every layer): greedy output as on one GPU, before and
+    after a weight update that each GPU's worker loads from its own copy of the bucket."""
+    old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+
+    def outputs(folder, update=None, **engine):
+        backend = VLLMBackend(str(tmp_path / folder), **{**ENGINE, "enable_sleep_mode": False, **engine})
+        try:
+            first = asyncio.run(backend.generate(PROMPT, greedy))
+            if update is not None:
+                backend.update_weights({name: t.cuda() for name, t in update.state_dict().items()}, version=1)
+            return first, asyncio.run(backend.generate(PROMPT, greedy))
+        finally:
+            backend.close()
+
+    split_old, split_new = outputs("old", update=new, tensor_parallel_size=2)
+    one_old, _ = outputs("old")
+    one_new, _ = outputs("new")
+    assert split_old.token_ids == one_old.token_ids and split_new.token_ids == one_new.token_ids
+    assert split_old.token_ids != split_new.token_ids
+    assert split_new.logprobs == pytest.approx(one_new.logprobs, abs=0.05)
 
 
 @pytest.mark.gpu

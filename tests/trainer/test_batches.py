@@ -139,6 +139,7 @@ def test_one_by_eight_equals_eight_by_one(tiny_model, algorithm):
         results.append((stats, grads(student)))
     (s1, g1), (s8, g8) = results
     assert s1["tokens"] == s8["tokens"] == sum(s.num_loss_tokens for s in sequences)
+    assert s1.pop("scoring_seconds") > 0 and s8.pop("scoring_seconds") > 0  # the teacher's or reference's, timed
     assert s1 == pytest.approx(s8, rel=1e-9)  # every statistic is summed over the micro-batches
     tokens = s1["tokens"]
     if algorithm == "fd":

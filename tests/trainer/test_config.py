@@ -26,6 +26,14 @@ def test_yaml_then_overrides(tmp_path):
     (["algorithm=ppo"], r"algorithm must be one of \['fd', 'grpo'\]"),
     (["resume=maybe"], "resume must be true or false"),
     (["steps"], "not key=value"),
+    (["max_concurrent_checks=0"], "max_concurrent_checks must be at least 1, not 0"),
+    (["micro_batch_tokens=0"], "micro_batch_tokens must be at least 1"),
+    (["samples_per_prompt=-1"], "samples_per_prompt must be at least 1"),
+    (["steps=-2"], "steps must not be negative"),
+    (["lr=-1e-5"], "lr must not be negative"),
+    (["vllm_gpu_memory_utilization=1.5"], r"vllm_gpu_memory_utilization is a share of a GPU, in \(0, 1\]"),
+    (["vllm_gpu_memory_utilization=0"], "vllm_gpu_memory_utilization is a share"),
+    (["ema_alpha=1.1"], r"ema_alpha must lie in \[0, 1\]"),
 ])
 def test_bad_overrides_are_clear_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -189,8 +190,9 @@ def test_grpo_moves_the_policy_toward_the_solved_sample_and_away_from_the_other(
     problems.write_text((REPO / "data" / "rocq_problems.jsonl").read_text().splitlines()[0] + "\n")
     cfg = load_config(None, [*TINY, "algorithm=grpo", "samples_per_prompt=2", "prompts_per_step=1", "lr=1e-3",
                              "kl_coef=0", "steps=1", "max_new_tokens=2000", f"problems={problems}",
-                             f"out_dir={tmp_path / 'run'}"])
+                             "max_concurrent_checks=1", f"out_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
+    assert trainer.rollout.config.max_concurrent_checks == 1
     try:
         problem, prover = trainer.problems[0], trainer.rollout.prover
         write_and_check = [call(prover.tools.write, path="Main.v", content=prover.render(problem, proof))
@@ -213,3 +215,26 @@ def test_grpo_moves_the_policy_toward_the_solved_sample_and_away_from_the_other(
         assert change[0] > 0 > change[1], change
     finally:
         trainer.close()
+
+
+def test_vllm_settings_reach_the_engine(monkeypatch):
+    """The trainer's vLLM fields become `VLLMBackend`'s arguments (vLLM itself needs a GPU: a recorder with
+    the real constructor's signature stands in, so a wrong or missing keyword fails here too)."""
+    import inspect
+
+    from agent.backends import vllm
+    from trainer import distributed
+    from trainer.config import load_config
+    from trainer.run import Trainer
+
+    signature, made = inspect.signature(vllm.VLLMBackend), []
+    monkeypatch.setattr(vllm, "VLLMBackend", lambda *a, **kw: made.append(signature.bind(*a, **kw).arguments))
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    cfg = load_config(None, [*TINY, "backend=vllm", "vllm_gpu_memory_utilization=0.4", "vllm_sleep=false",
+                             "vllm_enforce_eager=true", "vllm_request_seeds=true", "seed=5"])
+    Trainer._make_backend(types.SimpleNamespace(cfg=cfg), "bfloat16")
+    args = made[0]
+    assert (args["gpu_memory_utilization"], args["enable_sleep_mode"], args["enforce_eager"]) == (0.4, False, True)
+    assert args["request_seeds"] is True and args["dtype"] == "bfloat16" and args["skip_tokenizer_init"] is True
+    assert args["seed"] == 5 * 4 + 3  # one sampling seed per rank
