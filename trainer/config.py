@@ -97,10 +97,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_tokens", "top_k", "ema_every",
-                     "max_new_tokens", "max_turns", "max_concurrent_checks", "logit_chunk", "checkpoint_every"):
+                     "max_new_tokens", "max_turns", "max_concurrent_checks", "logit_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "eval_every", "keep_checkpoints", "kl_coef", "lr"):
+        for name in ("steps", "warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "kl_coef", "lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
