@@ -34,10 +34,16 @@ def test_yaml_then_overrides(tmp_path):
     (["vllm_gpu_memory_utilization=1.5"], r"vllm_gpu_memory_utilization is a share of a GPU, in \(0, 1\]"),
     (["vllm_gpu_memory_utilization=0"], "vllm_gpu_memory_utilization is a share"),
     (["ema_alpha=1.1"], r"ema_alpha must lie in \[0, 1\]"),
+    (["checkpoint_every=-1"], "checkpoint_every must not be negative"),
 ])
 def test_bad_overrides_are_clear_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_zero_is_allowed_where_it_means_never():
+    cfg = load_config(None, ["checkpoint_every=0", "eval_every=0", "keep_checkpoints=0", "kl_coef=0", "steps=0"])
+    assert (cfg.checkpoint_every, cfg.eval_every, cfg.steps) == (0, 0, 0)
 
 
 def test_bad_yaml_files(tmp_path):
