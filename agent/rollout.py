@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 import traceback
 import uuid
@@ -27,6 +28,7 @@ from typing import Any
 from agent.backends.base import GenerationBackend, SamplingParams
 from agent.chat import ChatFormat, MalformedCall, parse_tool_calls
 from agent.episode import Episode, EpisodeWriter, Feedback, ToolCallRecord
+from agent.feedback.base import FeedbackError
 from env.gym_env import DONE, ProverEnv
 from env.problems import Problem
 from env.provers.base import Prover
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=RolloutConfig.max_new_tokens)
     parser.add_argument("--max-turns", type=int, default=RolloutConfig.max_turns)
     parser.add_argument("--temperature", type=float, default=RolloutConfig.temperature)
+    parser.add_argument("--max-concurrent-checks", type=int, default=RolloutConfig.max_concurrent_checks,
+                        help="prover checks running at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU, auto for vLLM")
@@ -345,15 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for p in load_problems(args.problems) if p.prover == args.prover][: args.limit or None]
     if not problems:
         parser.error(f"no {args.prover} problems in {args.problems}")
+    try:
+        config = RolloutConfig(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
+                               temperature=args.temperature, max_concurrent_checks=args.max_concurrent_checks,
+                               seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
     backend, tokenizer = make_backend(args.backend, args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     prover = make_prover(args.prover)
-    config = RolloutConfig(max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                           temperature=args.temperature, seed=args.seed)
-    feedback = _make_feedback(args, backend, tokenizer) if args.feedback else None
-    rollout = Rollout(backend, tokenizer, prover, config, model_name=args.model, feedback=feedback)
     start = time.monotonic()
     try:
+        feedback = _make_feedback(args, backend, tokenizer) if args.feedback else None
+        rollout = Rollout(backend, tokenizer, prover, config, model_name=args.model, feedback=feedback)
         episodes = asyncio.run(rollout_many(rollout, problems, args.n_samples, EpisodeWriter(args.out)))
+    except FeedbackError as e:  # a feedback source that cannot start (no API key, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         backend.close()
         prover.close()
@@ -382,9 +393,6 @@ def _make_feedback(args: argparse.Namespace, backend: GenerationBackend, tokeniz
         return make_feedback("claude", model=args.feedback_model)
     return make_feedback(args.feedback)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 class ProverUnavailableError(RuntimeError):
@@ -429,3 +437,7 @@ def make_rollout(backend: GenerationBackend, tokenizer: Any, prover_name: str, c
 
     return Rollout(backend, tokenizer, make_prover(prover_name, timeout_s=config.check_timeout_s), config,
                    model_name=model_name, feedback=feedback)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

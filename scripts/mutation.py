@@ -33,7 +33,8 @@ MODULES = {
     "trainer/losses.py": ["tests/trainer/test_losses.py"],
     "trainer/batches.py": ["tests/trainer/test_batches.py"],
     "trainer/algorithms.py": ["tests/trainer/test_batches.py"],
-    "agent/rollout.py": ["tests/agent/test_rollout.py"],
+    "agent/rollout.py": ["tests/agent/test_rollout.py", "tests/agent/test_rollout_cli.py",
+                         "tests/env/test_lean_unavailable.py"],
     "env/provers/rocq.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
 FAST = ["env/verdict.py", "agent/episode.py", "env/provers/rocq_text.py", "trainer/losses.py",

@@ -1,0 +1,181 @@
+"""`python -m agent.rollout` and the helpers around the rollout loop: backends, feedback sources,
+problem sets, the transcript a feedback model reads. Real tiny model, real tokenizer, real Rocq."""
+
+import asyncio
+import inspect
+import json
+
+import pytest
+
+from agent import rollout as rollout_module
+from agent.backends.base import SamplingParams
+from agent.episode import read_episodes
+from agent.rollout import (
+    _make_feedback,
+    load_problem_set,
+    main,
+    make_backend,
+    make_rollout,
+    resolve_prover,
+    transcript,
+)
+from tests.conftest import DATA, requires_coq
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The CLI's real backend, with every request's sampling parameters recorded."""
+    params: list[SamplingParams] = []
+    real = rollout_module.make_backend
+
+    def make(*args, **kwargs):
+        backend, tokenizer = real(*args, **kwargs)
+        generate = backend.generate
+
+        async def recording(prompt_ids, p):
+            params.append(p)
+            return await generate(prompt_ids, p)
+
+        backend.generate = recording
+        return backend, tokenizer
+
+    monkeypatch.setattr(rollout_module, "make_backend", make)
+    return params
+
+
+@requires_coq
+def test_cli_runs_episodes_with_its_settings_and_appends_them(tmp_path, capsys, recorded):
+    out = tmp_path / "e.jsonl"
+    argv = ["--problems", str(DATA / "rocq_problems.jsonl"), "--model", "tiny-qwen3", "--limit", "2",
+            "--n-samples", "2", "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "3", "--max-turns", "4",
+            "--max-concurrent-checks", "1", "--feedback", "constant", "--feedback-text", "Use lia.",
+            "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (summary["episodes"], summary["errors"], summary["out"]) == (4, 0, str(out))
+    assert summary["generated_tokens"] == 4 * 12 and summary["tokens_per_s"] > 0
+    episodes = list(read_episodes(out))
+    assert len(episodes) == 4 and {e.problem["name"] for e in episodes} == {
+        json.loads(line)["name"] for line in (DATA / "rocq_problems.jsonl").read_text().splitlines()[:2]}
+    assert all(e.num_generated == 12 and e.finish_reason == "token_budget" for e in episodes)
+    assert all(e.model == "tiny-qwen3" and e.prover == "rocq" for e in episodes)
+    assert all(e.feedback is not None and e.feedback.source == "constant" and "Use lia." in e.feedback.text
+               for e in episodes)
+    assert sorted(e.seeds["episode"] for e in episodes) == [3 * 1_000_003 + i for i in range(4)]
+    assert {p.temperature for p in recorded} == {0.7} and all(p.max_new_tokens <= 12 for p in recorded)
+    assert main(argv[:-2] + ["--limit", "1", "--n-samples", "1", "--out", str(out)]) == 0
+    assert len(list(read_episodes(out))) == 5  # appended, the earlier episodes kept
+
+
+def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
+    problems = str(DATA / "rocq_problems.jsonl")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--problems", problems, "--prover", "lean", "--model", "tiny-qwen3", "--out", str(tmp_path / "e")])
+    assert exit_.value.code == 2 and f"no lean problems in {problems}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--problems", problems, "--model", "tiny-qwen3", "--max-concurrent-checks", "0",
+              "--out", str(tmp_path / "e")])
+    assert "max_concurrent_checks must be at least 1" in capsys.readouterr().err
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert main(["--problems", problems, "--model", "tiny-qwen3", "--limit", "1", "--feedback", "claude",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "ANTHROPIC_API_KEY" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() or not (tmp_path / "e").read_text()
+
+
+def test_make_backend_transformers_and_unknown():
+    backend, tokenizer = make_backend("transformers", "tiny-qwen3", seed=5)
+    try:
+        assert next(backend.model.parameters()).dtype.is_floating_point
+        assert str(next(backend.model.parameters()).dtype) == "torch.float32"  # float32 on a CPU
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") is not None
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="unknown backend 'tgi'"):
+        make_backend("tgi", "tiny-qwen3")
+
+
+def test_make_backend_vllm_arguments(monkeypatch):
+    """vLLM needs a GPU: a recorder with `VLLMBackend`'s real signature takes its place."""
+    from agent.backends import vllm
+
+    signature, made = inspect.signature(vllm.VLLMBackend), []
+    monkeypatch.setattr(vllm, "VLLMBackend", lambda *a, **kw: made.append(signature.bind(*a, **kw).arguments))
+    make_backend("vllm", "tiny-qwen3", seed=4, tensor_parallel_size=2, gpu_memory_utilization=0.3,
+                 enable_sleep_mode=True)
+    make_backend("vllm", "tiny-qwen3", dtype="bfloat16")
+    first, second = made
+    from agent.models import model_path
+
+    assert first["model"] == model_path("tiny-qwen3") and first["skip_tokenizer_init"] is True
+    assert (first["tensor_parallel_size"], first["gpu_memory_utilization"], first["enable_sleep_mode"],
+            first["seed"], first["dtype"]) == (2, 0.3, True, 4, "auto")
+    assert second["dtype"] == "bfloat16"
+
+
+class Args:
+    def __init__(self, feedback, text=None, model=None, temperature=0.9):
+        self.feedback, self.feedback_text, self.feedback_model, self.temperature = feedback, text, model, temperature
+
+
+def test_feedback_sources_of_the_cli(qwen_tokenizer, monkeypatch):
+    from agent.feedback.sources import BE_CONCISE
+
+    own = _make_feedback(Args("self"), backend="the rollout's backend", tokenizer=qwen_tokenizer)
+    assert own.name == "self" and own.backend == "the rollout's backend"
+    assert own.sampling.stop_token_ids == (qwen_tokenizer.eos_token_id,) and own.sampling.temperature == 0.9
+    assert _make_feedback(Args("constant"), None, qwen_tokenizer).text == BE_CONCISE
+    assert _make_feedback(Args("constant", text="Shorter."), None, qwen_tokenizer).text == "Shorter."
+    assert _make_feedback(Args("compiler"), None, qwen_tokenizer).name == "compiler"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    assert _make_feedback(Args("claude", model="claude-x"), None, qwen_tokenizer).model == "claude-x"
+    assert _make_feedback(Args("claude"), None, qwen_tokenizer).model == "claude-opus-4-6"
+
+
+def test_transcript_labels_turns_and_tool_outputs():
+    text = transcript([{"role": "assistant", "content": "I will check."},
+                       {"role": "tool", "name": "rocq_check_file", "content": "Error: no."},
+                       {"role": "tool", "content": "bare"}])
+    assert text == ("[assistant]\nI will check.\n\n[tool output (rocq_check_file)]\nError: no.\n\n"
+                    "[tool output (tool)]\nbare")
+
+
+def test_problem_sets(tmp_path):
+    ours = load_problem_set(None, "rocq")
+    assert len(ours) == len((DATA / "rocq_problems.jsonl").read_text().splitlines()) and \
+        all(p.prover == "rocq" for p in ours)
+    assert [p.name for p in load_problem_set(str(DATA / "rocq_problems.jsonl"), "rocq")] == [p.name for p in ours]
+    with pytest.raises(ValueError, match="no lean problems in"):
+        load_problem_set(str(DATA / "rocq_problems.jsonl"), "lean")
+
+
+@requires_coq
+def test_make_rollout_gives_the_prover_the_check_timeout(qwen_tokenizer):
+    made = make_rollout("backend", qwen_tokenizer, "rocq", rollout_module.RolloutConfig(check_timeout_s=7.5),
+                        model_name="m", feedback="fb")
+    try:
+        assert made.prover.name == "rocq" and made.prover.timeout_s == 7.5
+        assert (made.backend, made.model_name, made.feedback) == ("backend", "m", "fb")
+    finally:
+        made.prover.close()
+
+
+def test_rocq_is_taken_as_asked():
+    assert resolve_prover("rocq") == ("rocq", "chosen in the config")
+
+
+def test_rollout_config_refuses_no_check_slots():
+    with pytest.raises(ValueError, match="at least 1, not 0"):
+        rollout_module.RolloutConfig(max_concurrent_checks=0)
+    assert rollout_module.RolloutConfig(max_concurrent_checks=1).max_concurrent_checks == 1
+
+
+def test_no_progress_bar_when_asked(qwen_tokenizer, capsys):
+    from tests.agent.test_rollout import make_rollout as scripted
+
+    class NoProver:
+        name = "rocq"
+
+    rollout = scripted(qwen_tokenizer, NoProver(), lambda prompt, turn: "x")
+    assert asyncio.run(rollout_module.rollout_many(rollout, [], 1, progress=False)) == []
+    assert "episodes" not in capsys.readouterr().err
