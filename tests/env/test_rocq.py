@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,60 @@ def test_a_killed_worker_is_a_crash_outcome(rocq):
     killer.join()
     assert result.status == "crash" and verdict.reason == "prover_crash", result.messages
     assert check(rocq, rocq.render(PROBLEM))[1].solved
+
+
+# --- the pieces of RocqProver that are plain functions ---
+
+
+def test_render_completes_a_proof_into_a_file():
+    render = RocqProver.render
+    bare = Problem(name="p", prover="rocq", header="H.\n", formal_statement="Theorem p : True.\nProof.")
+    assert render(None, PROBLEM) == HEADER + PROBLEM.formal_statement + "\n  nra.\nQed.\n"  # the reference proof
+    assert render(None, bare) == "H.\nTheorem p : True.\nProof.\nAdmitted.\n"  # none known: admitted
+    assert render(None, bare, "  exact I.") == "H.\nTheorem p : True.\nProof.\n  exact I.\nQed.\n"
+    assert render(None, bare, "\nexact I.\nDefined.  ") == "H.\nTheorem p : True.\nProof.\nexact I.\nDefined.  \n"
+    assert render(None, bare, "exact I.\nAdmitted.") == "H.\nTheorem p : True.\nProof.\nexact I.\nAdmitted.\n"
+    assert render(None, bare, "exact I.  \n") == "H.\nTheorem p : True.\nProof.\nexact I.\nQed.\n"
+
+
+def test_apply_trusted_keeps_feedback_and_takes_the_trusted_findings():
+    from env.provers.base import CheckResult, Message
+    from env.provers.rocq import apply_trusted
+    from env.provers.rocq_trusted import TrustedCheck
+
+    warm = CheckResult(status="ok", messages=(Message("info", "printed"),), elapsed_s=0.1, sandboxed=True)
+    ok = TrustedCheck(status="ok", statement="the statement", axioms=("A",), unsafe=("U",), elapsed_s=2.0,
+                      jailed=True)
+    result = apply_trusted(warm, ok, 2.5)
+    assert result.trusted and result.status == "ok" and result.messages == warm.messages
+    assert (result.statement, result.axioms, result.unsafe) == ("the statement", ("A",), ("U",))
+    assert (result.elapsed_s, result.trusted_s, result.sandboxed) == (2.5, 2.0, True)
+    assert apply_trusted(warm, replace(ok, detail="kernel says no"), 2.5).messages[-1] == \
+        Message("error", "kernel says no")
+    assert not apply_trusted(warm, replace(ok, jailed=False), 2.5).sandboxed
+    assert not apply_trusted(replace(warm, sandboxed=False), ok, 2.5).sandboxed
+
+    failed = TrustedCheck(status="error", messages=(Message("error", "coqc: bad"),), detail="cold compile failed",
+                          elapsed_s=1.0, jailed=True)
+    result = apply_trusted(warm, failed, 1.5)
+    assert result.status == "error" and not result.trusted and result.statement is None
+    assert result.messages == (Message("info", "printed"), Message("error", "cold compile failed; its messages follow"),
+                               Message("error", "coqc: bad"))
+    assert (result.elapsed_s, result.trusted_s) == (1.5, 1.0)
+    assert apply_trusted(warm, replace(failed, detail=""), 1.5).messages[1].text.startswith(
+        "the trusted re-check failed")
+    assert not apply_trusted(warm, replace(failed, jailed=False), 1.5).sandboxed
+
+
+def test_only_a_clean_file_of_a_known_problem_gets_the_trusted_check(rocq, monkeypatch):
+    calls = []
+    real = rocq.trusted_check
+    monkeypatch.setattr(rocq, "trusted_check", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    with EpisodeDir() as d:
+        assert not rocq.check(rocq.render(PROBLEM), d.root).trusted  # no problem: feedback only
+        assert rocq.check(WRONG_TACTIC, d.root, problem=PROBLEM).status == "error"
+        admitted = rocq.check(rocq.render(PROBLEM, "  nra.\nAdmitted."), d.root, problem=PROBLEM)
+        assert admitted.uses_sorry and not admitted.trusted
+        assert calls == []
+        solved = rocq.check(rocq.render(PROBLEM), d.root, problem=PROBLEM, timeout_s=45)
+    assert solved.trusted and len(calls) == 1 and calls[0]["timeout_s"] == 45
