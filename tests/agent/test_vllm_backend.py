@@ -723,30 +723,25 @@ def test_engine_generates_syncs_weights_sleeps_and_matches_a_fresh_engine(tmp_pa
 @pytest.mark.gpu
 @requires_vllm_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs (tensor parallelism)")
-def test_tensor_parallel_engine_generates_and_syncs_like_one_gpu(tmp_path):
-    """An engine over two GPUs (each holds half of every layer): greedy output as on one GPU, before and
-    after a weight update that each GPU's worker loads from its own copy of the bucket."""
+def test_tensor_parallel_engine_generates_and_syncs(tmp_path):
+    """An engine over two GPUs (each holds half of every layer): its logprobs are the model's, before and
+    after a weight update that each GPU's worker loads from its own copy of each bucket. (Compared with an
+    fp32 reference, not with a one-GPU engine: the two sum in different orders, so their greedy tokens
+    may part after a near tie.)"""
     old, new = tiny_qwen3(seed=0), tiny_qwen3(seed=1)
     old.save_pretrained(tmp_path / "old")
-    new.save_pretrained(tmp_path / "new")
+    backend = VLLMBackend(str(tmp_path / "old"), **{**ENGINE, "enable_sleep_mode": False}, tensor_parallel_size=2)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
-
-    def outputs(folder, update=None, **engine):
-        backend = VLLMBackend(str(tmp_path / folder), **{**ENGINE, "enable_sleep_mode": False, **engine})
-        try:
-            first = asyncio.run(backend.generate(PROMPT, greedy))
-            if update is not None:
-                backend.update_weights({name: t.cuda() for name, t in update.state_dict().items()}, version=1)
-            return first, asyncio.run(backend.generate(PROMPT, greedy))
-        finally:
-            backend.close()
-
-    split_old, split_new = outputs("old", update=new, tensor_parallel_size=2)
-    one_old, _ = outputs("old")
-    one_new, _ = outputs("new")
-    assert split_old.token_ids == one_old.token_ids and split_new.token_ids == one_new.token_ids
-    assert split_old.token_ids != split_new.token_ids
-    assert split_new.logprobs == pytest.approx(one_new.logprobs, abs=0.05)
+    try:
+        before = asyncio.run(backend.generate(PROMPT, greedy))
+        backend.update_weights({name: t.cuda() for name, t in new.state_dict().items()}, version=1)
+        after = asyncio.run(backend.generate(PROMPT, greedy))
+    finally:
+        backend.close()
+    assert len(before.token_ids) == len(after.token_ids) == 16
+    assert before.logprobs == pytest.approx(reference(old, PROMPT, before.token_ids, 1.0)[0], abs=TOL)
+    assert after.logprobs == pytest.approx(reference(new, PROMPT, after.token_ids, 1.0)[0], abs=TOL)
+    assert mean_gap(after.logprobs, reference(old, PROMPT, after.token_ids, 1.0)[0]) > 0.5
 
 
 @pytest.mark.gpu
