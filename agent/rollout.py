@@ -189,13 +189,12 @@ class Rollout:
         from agent.feedback import teacher_messages
         from agent.feedback.base import Attempt
 
-        lean = self.prover.name == "lean"
         solution = next((c.arguments.get("content") for c in reversed(episode.tool_calls)
                          if isinstance(c.arguments, dict) and c.name == self.prover.tools.write), None)
         final_output = next((c.output for c in reversed(episode.tool_calls) if c.verdict is not None), "")
         attempt = Attempt(problem=state.problem, transcript=transcript(episode.messages[2:]),
                           final_output=final_output, solved=episode.solved,
-                          solution=solution if episode.solved else None, language="Lean 4" if lean else "Rocq")
+                          solution=solution if episode.solved else None, language=self.prover.language)
         t0 = time.monotonic()
         text = await self.feedback.feedback(attempt)
         teacher = teacher_messages(episode.messages[:2], text)

@@ -99,6 +99,7 @@ class Prover(Protocol):
     tools: ToolNames
     standard_axioms: frozenset[str]  # axioms a solution may depend on
     library_name: str  # what the search tool searches, for its description ("Mathlib")
+    language: str  # the proof language as a feedback prompt names it ("Lean 4", "Rocq")
 
     def render(self, problem: Problem, proof: str | None = None) -> str:
         """Full file text: the header, the statement, then `proof` (or the reference proof)."""

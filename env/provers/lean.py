@@ -81,6 +81,7 @@ class LeanProver:
     tools = ToolNames(write="lean_write_file", check="lean_check_file", search="rg_in_mathlib")
     standard_axioms = STANDARD_AXIOMS
     library_name = "Mathlib"
+    language = "Lean 4"
 
     @classmethod
     def available(cls, project_dir: Path = REPO_ROOT) -> bool:

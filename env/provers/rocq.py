@@ -43,6 +43,7 @@ class RocqProver:
     tools = ToolNames(write="rocq_write_file", check="rocq_check_file", search="rg_in_stdlib")
     standard_axioms = STANDARD_AXIOMS
     library_name = "the Rocq standard library"
+    language = "Rocq"
 
     def __init__(self, *, timeout_s: float = 60.0, memory_mb: int = 4096, jail: bool = True, workers: int = 2,
                  max_checks_per_worker: int = 200) -> None:

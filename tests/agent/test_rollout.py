@@ -52,10 +52,22 @@ def test_scripted_solve(qwen_tokenizer, rocq):
         "Fix it. " + call("rocq_write_file", path="Main.v", content=good) + call("rocq_check_file", path="Main.v"),
     ]
     rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: turns[turn - 1])
-    episode = asyncio.run(rollout.run(PROBLEM))
+    checks = []
+    real_check = rocq.check
+    rocq.check = lambda *a, **kw: checks.append(real_check(*a, **kw)) or checks[-1]
+    try:
+        episode = asyncio.run(rollout.run(PROBLEM))
+    finally:
+        del rocq.check
     assert episode.finish_reason == "solved" and episode.reward == 1.0 and episode.error is None
     assert [c.name for c in episode.tool_calls] == ["rg_in_stdlib", "rocq_write_file", "rocq_check_file",
                                                     "rocq_write_file", "rocq_check_file"]
+    assert [c.turn for c in episode.tool_calls] == [1, 2, 2, 3, 3]
+    assert episode.tool_calls[3].arguments == {"path": "Main.v", "content": good}
+    assert all(c.elapsed_s > 0 for c in episode.tool_calls)
+    # every tool's time, and every check's, added up over the episode
+    assert episode.timings["tool_s"] == pytest.approx(sum(c.elapsed_s for c in episode.tool_calls))
+    assert len(checks) == 2 and episode.timings["check_s"] == pytest.approx(sum(c.elapsed_s for c in checks))
     assert episode.tool_calls[2].verdict["reason"] == "does_not_compile"
     assert episode.verdict["solved"] and episode.timings["check_s"] > 0 and episode.timings["generation_s"] >= 0
     assert_consistent(episode, qwen_tokenizer)
@@ -105,6 +117,12 @@ def test_malformed_and_unknown_calls_get_errors_then_the_model_stops(qwen_tokeni
     outputs = [c.output for c in episode.tool_calls]
     assert "not valid JSON" in outputs[0] and "unknown tool 'lean_check_file'" in outputs[1]
     assert all(c.is_error for c in episode.tool_calls)
+    malformed = episode.tool_calls[0]
+    assert (malformed.turn, malformed.name, malformed.arguments, malformed.elapsed_s) == (1, "<malformed>", "{oops}",
+                                                                                          0.0)
+    assert [(m["role"], m.get("name")) for m in episode.messages[2:]] == [
+        ("assistant", None), ("tool", "<malformed>"), ("assistant", None), ("tool", "lean_check_file"),
+        ("assistant", None)]
     assert_consistent(episode, qwen_tokenizer)
 
 
@@ -181,6 +199,40 @@ def test_feedback_is_stored_with_the_teacher_prompt(qwen_tokenizer, rocq):
     student_prompt = qwen_tokenizer.decode(episode.token_ids[: episode.prompt_len])
     teacher_prompt = qwen_tokenizer.decode(fb.teacher_prompt_ids)
     assert teacher_prompt.replace("\n\n" + fb.text, "") == student_prompt
+
+
+class RecordingFeedback:
+    """A feedback source that keeps the attempts it is shown (the real sources only read them)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.attempts = []
+
+    async def feedback(self, attempt) -> str:
+        self.attempts.append(attempt)
+        await asyncio.sleep(0.01)
+        return "Feedback: fine."
+
+
+@pytest.mark.parametrize("solves", [True, False])
+def test_the_feedback_source_sees_the_attempt(qwen_tokenizer, rocq, solves):
+    proof = None if solves else "  lia."
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: [
+        "Draft. " + call("rocq_write_file", path="M.v", content=rocq.render(PROBLEM, "  nra."))
+        + call("rocq_write_file", path="M.v", content=rocq.render(PROBLEM, proof)) + call("rocq_check_file",
+                                                                                           path="M.v"),
+        "stop"][t - 1])
+    rollout.feedback = RecordingFeedback()
+    episode = asyncio.run(rollout.run(PROBLEM))
+    [attempt] = rollout.feedback.attempts
+    assert episode.solved == solves == attempt.solved
+    assert attempt.problem == PROBLEM and attempt.language == "Rocq"
+    assert attempt.transcript.startswith("[assistant]\nDraft.") and "[tool output (rocq_check_file)]" in \
+        attempt.transcript and "You are" not in attempt.transcript  # the turns, not the prompt
+    assert attempt.final_output == episode.tool_calls[-1].output != ""
+    assert attempt.solution == (rocq.render(PROBLEM, proof) if solves else None)  # the last file written
+    assert 0.01 <= episode.feedback.elapsed_s < 5
 
 
 def test_tiny_random_model_end_to_end(qwen_tokenizer, tiny_model, rocq, tmp_path):

@@ -122,8 +122,9 @@ def test_feedback_sources_of_the_cli(qwen_tokenizer, monkeypatch):
     from agent.feedback.sources import BE_CONCISE
 
     own = _make_feedback(Args("self"), backend="the rollout's backend", tokenizer=qwen_tokenizer)
-    assert own.name == "self" and own.backend == "the rollout's backend"
+    assert own.name == "self" and own.backend == "the rollout's backend" and own.tokenizer is qwen_tokenizer
     assert own.sampling.stop_token_ids == (qwen_tokenizer.eos_token_id,) and own.sampling.temperature == 0.9
+    assert own.sampling.max_new_tokens == 1024
     assert _make_feedback(Args("constant"), None, qwen_tokenizer).text == BE_CONCISE
     assert _make_feedback(Args("constant", text="Shorter."), None, qwen_tokenizer).text == "Shorter."
     assert _make_feedback(Args("compiler"), None, qwen_tokenizer).name == "compiler"
@@ -151,17 +152,26 @@ def test_problem_sets(tmp_path):
 
 @requires_coq
 def test_make_rollout_gives_the_prover_the_check_timeout(qwen_tokenizer):
-    made = make_rollout("backend", qwen_tokenizer, "rocq", rollout_module.RolloutConfig(check_timeout_s=7.5),
-                        model_name="m", feedback="fb")
+    config = rollout_module.RolloutConfig(check_timeout_s=7.5)
+    made = make_rollout("backend", qwen_tokenizer, "rocq", config, model_name="m", feedback="fb")
+    plain = make_rollout("backend", qwen_tokenizer, "rocq", config)
     try:
         assert made.prover.name == "rocq" and made.prover.timeout_s == 7.5
         assert (made.backend, made.model_name, made.feedback) == ("backend", "m", "fb")
+        assert made.tokenizer is qwen_tokenizer and made.config is config
+        assert (plain.model_name, plain.feedback) == ("", None)
     finally:
         made.prover.close()
+        plain.prover.close()
 
 
-def test_rocq_is_taken_as_asked():
+def test_rocq_is_taken_as_asked_and_lean_where_its_project_is_built(monkeypatch):
     assert resolve_prover("rocq") == ("rocq", "chosen in the config")
+    from env.provers import lean
+
+    monkeypatch.setattr(lean, "unavailable_reason", lambda: None)  # as where `lake build` has run
+    assert resolve_prover("lean") == ("lean", "chosen in the config")
+    assert resolve_prover("auto") == ("lean", "the pinned Lean project is built")
 
 
 def test_rollout_config_refuses_no_check_slots():
