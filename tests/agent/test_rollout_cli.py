@@ -4,6 +4,7 @@ problem sets, the transcript a feedback model reads. Real tiny model, real token
 import asyncio
 import inspect
 import json
+import re
 
 import pytest
 
@@ -180,12 +181,14 @@ def test_rollout_config_refuses_no_check_slots():
     assert rollout_module.RolloutConfig(max_concurrent_checks=1).max_concurrent_checks == 1
 
 
-def test_no_progress_bar_when_asked(qwen_tokenizer, capsys):
+def test_a_progress_bar_unless_asked_not_to(qwen_tokenizer, capsys):
     from tests.agent.test_rollout import make_rollout as scripted
 
     class NoProver:
         name = "rocq"
 
     rollout = scripted(qwen_tokenizer, NoProver(), lambda prompt, turn: "x")
+    assert asyncio.run(rollout_module.rollout_many(rollout, [], 1)) == []
+    assert re.search(r"episodes: .*0ep", capsys.readouterr().err)  # the default: a bar counting episodes
     assert asyncio.run(rollout_module.rollout_many(rollout, [], 1, progress=False)) == []
     assert "episodes" not in capsys.readouterr().err
