@@ -192,3 +192,25 @@ def test_a_progress_bar_unless_asked_not_to(qwen_tokenizer, capsys):
     assert re.search(r"episodes: .*0ep", capsys.readouterr().err)  # the default: a bar counting episodes
     assert asyncio.run(rollout_module.rollout_many(rollout, [], 1, progress=False)) == []
     assert "episodes" not in capsys.readouterr().err
+
+
+def test_cli_help_and_required_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: python -m agent.rollout ")
+    assert "Multi-turn rollouts: generation and tool execution through the Gymnasium env" in text  # the description
+    for flag, meaning in [("--problems PROBLEMS", "problems JSONL"), ("--model MODEL", "smollm2 | tiny-qwen3"),
+                          ("--n-samples N_SAMPLES", "episodes per problem"),
+                          ("--out OUT", "episode log (JSONL, appended to)"),
+                          ("--feedback-text FEEDBACK_TEXT", "the text of `constant` feedback"),
+                          ("--feedback-model FEEDBACK_MODEL", "the Claude model"),
+                          ("--limit LIMIT", "only the first N problems"),
+                          ("--max-concurrent-checks MAX_CONCURRENT_CHECKS", "prover checks running at once"),
+                          ("--dtype DTYPE", "default: float32 on CPU")]:
+        assert flag in text and meaning in text, flag
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: --problems, --model, --out" in capsys.readouterr().err
