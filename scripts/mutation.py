@@ -4,7 +4,7 @@
 
 mutmut (`pip install mutmut`) makes one mutant per small change (a flipped comparison, a
 constant off by one, a dropped argument, a string changed) and runs the tests that reach the
-mutated function against each. This runs it in a scratch copy of the repository (mutmut
+mutated function against each (not those marked `slow`). This runs it in a scratch copy of the repository (mutmut
 writes a `mutants/` tree beside the code), then prints per module: killed (a test failed or
 timed out), survived, not reached by any test, and the score killed / (killed + survived).
 Surviving mutants are either killed by a new test or listed as equivalent in the README's
@@ -61,6 +61,8 @@ def main() -> int:
             f.write("\n[tool.mutmut]\n"
                     f"source_paths = {[str(m) for m in args.modules]!r}\n"
                     f"pytest_add_cli_args_test_selection = {tests!r}\n"
+                    # tests marked slow (a real SmolLM2 run, ...) would cost each surviving mutant 20 s more
+                    'pytest_add_cli_args = ["-m", "not slow"]\n'
                     # the tests' imports need the rest of the code beside the mutated modules
                     f"also_copy = {['env', 'agent', 'trainer', 'data', 'lean_project', 'configs']!r}\n"
                     # torch's thread pools do not survive a fork of a process that has used them: the
