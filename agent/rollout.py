@@ -320,7 +320,7 @@ def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str | Non
     raise ValueError(f"unknown backend {name!r}: use 'transformers' or 'vllm'")
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent.rollout", description=__doc__.splitlines()[0])
     parser.add_argument("--problems", required=True, help="problems JSONL")
     parser.add_argument("--model", required=True, help="smollm2 | tiny-qwen3 | tiny-llama | a model directory")
@@ -340,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU, auto for vLLM")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_parser()
     args = parser.parse_args(argv)
 
     from env.problems import load_problems

@@ -64,8 +64,10 @@ def test_cli_runs_episodes_with_its_settings_and_appends_them(tmp_path, capsys, 
                for e in episodes)
     assert sorted(e.seeds["episode"] for e in episodes) == [3 * 1_000_003 + i for i in range(4)]
     assert {p.temperature for p in recorded} == {0.7} and all(p.max_new_tokens <= 12 for p in recorded)
-    assert main(argv[:-2] + ["--limit", "1", "--n-samples", "1", "--out", str(out)]) == 0
-    assert len(list(read_episodes(out))) == 5  # appended, the earlier episodes kept
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join((DATA / "rocq_problems.jsonl").read_text().splitlines(keepends=True)[2:4]))
+    assert main(["--problems", str(two), "--model", "tiny-qwen3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert len(list(read_episodes(out))) == 6  # appended (the earlier episodes kept): every problem, one sample each
 
 
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
@@ -201,16 +203,38 @@ def test_cli_help_and_required_arguments(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m agent.rollout ")
     assert "Multi-turn rollouts: generation and tool execution through the Gymnasium env" in text  # the description
-    for flag, meaning in [("--problems PROBLEMS", "problems JSONL"), ("--model MODEL", "smollm2 | tiny-qwen3"),
-                          ("--n-samples N_SAMPLES", "episodes per problem"),
-                          ("--out OUT", "episode log (JSONL, appended to)"),
-                          ("--feedback-text FEEDBACK_TEXT", "the text of `constant` feedback"),
-                          ("--feedback-model FEEDBACK_MODEL", "the Claude model"),
-                          ("--limit LIMIT", "only the first N problems"),
-                          ("--max-concurrent-checks MAX_CONCURRENT_CHECKS", "prover checks running at once"),
-                          ("--dtype DTYPE", "default: float32 on CPU")]:
-        assert flag in text and meaning in text, flag
+    for option in ["--problems PROBLEMS problems JSONL --model",
+                   "--model MODEL smollm2 | tiny-qwen3 | tiny-llama | a model directory --backend",
+                   "--backend {transformers,vllm} --prover {rocq,lean} --n-samples",
+                   "--n-samples N_SAMPLES episodes per problem --out",
+                   "--out OUT episode log (JSONL, appended to) --feedback {claude,self,compiler,ground_truth,constant}",
+                   "--feedback-text FEEDBACK_TEXT the text of `constant` feedback (default: be concise) --feedback-",
+                   "--feedback-model FEEDBACK_MODEL the Claude model of `claude` feedback --limit",
+                   "--limit LIMIT only the first N problems (0: all) --max-new-tokens",
+                   "--max-concurrent-checks MAX_CONCURRENT_CHECKS prover checks running at once --seed",
+                   "--dtype DTYPE default: float32 on CPU, bfloat16 on GPU, auto for vLLM"]:
+        assert option in text, option
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2
     assert "the following arguments are required: --problems, --model, --out" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_rollout_config_defaults():
+    from pathlib import Path
+
+    from agent.rollout import RolloutConfig, cli_parser
+
+    args = cli_parser().parse_args(["--problems", "p.jsonl", "--model", "m", "--out", "o.jsonl"])
+    assert (args.backend, args.prover, args.n_samples, args.limit, args.feedback, args.feedback_text,
+            args.feedback_model, args.seed, args.device, args.dtype) == ("transformers", "rocq", 1, 0, None, None,
+                                                                         None, 0, "cpu", None)
+    assert args.out == Path("o.jsonl") and args.problems == "p.jsonl" and args.model == "m"
+    defaults = RolloutConfig()
+    assert (args.max_new_tokens, args.max_turns, args.temperature, args.max_concurrent_checks) == (
+        defaults.max_new_tokens, defaults.max_turns, defaults.temperature, defaults.max_concurrent_checks)
+    typed = cli_parser().parse_args(["--problems", "p", "--model", "m", "--out", "o", "--n-samples", "3", "--limit",
+                                     "2", "--max-new-tokens", "9", "--max-turns", "4", "--temperature", "0.5",
+                                     "--max-concurrent-checks", "6", "--seed", "8"])
+    assert (typed.n_samples, typed.limit, typed.max_new_tokens, typed.max_turns, typed.temperature,
+            typed.max_concurrent_checks, typed.seed) == (3, 2, 9, 4, 0.5, 6, 8)
