@@ -298,3 +298,15 @@ def test_progress_bar_shows_tokens_before_any_episode_ends(qwen_tokenizer, tiny_
     assert "tok_s=" in running[-1]
     final = [f for f in frames if "1/1" in f and "tokens=" in f][-1]
     assert re.search(r"tokens=(\d+)", final).group(1) == str(episode.num_generated)
+
+
+def test_progress_bar_counts_this_call_s_solved_episodes_and_tokens(qwen_tokenizer, rocq, capsys):
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: [
+        call("rocq_write_file", path="M.v", content=rocq.render(PROBLEM)) + call("rocq_check_file", path="M.v"),
+        "Done."][t - 1])
+    rollout.backend.generated_tokens = 1000  # tokens of earlier calls are not this call's
+    episodes = asyncio.run(rollout_many(rollout, [PROBLEM], 2, progress=True))
+    final = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [f for f in final if "2/2" in f][-1]
+    assert all(e.solved for e in episodes) and "solved=2" in last
+    assert re.search(r"tokens=(\d+)", last).group(1) == str(sum(e.num_generated for e in episodes))
