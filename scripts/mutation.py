@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--modules", nargs="+", default=FAST, choices=sorted(MODULES),
                         help="modules to mutate (default: the ones whose tests need no prover)")
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of each surviving mutant")
+    parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                        help="mutants whose names match (fnmatch), e.g. 'agent.rollout.x_main*': after new tests")
     args = parser.parse_args()
     if shutil.which("mutmut") is None:
         print("error: mutmut is not installed: pip install mutmut", file=sys.stderr)
@@ -70,7 +72,7 @@ def main() -> int:
                     'process_isolation = "forkserver"\n')
         # one thread per test process: mutmut runs one per core, and more threads only wait on each other
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(["mutmut", "run"], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(["mutmut", "run", *args.only], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
                                  text=True, check=True).stdout
         counts: dict[str, Counter] = defaultdict(Counter)
