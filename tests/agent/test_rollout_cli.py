@@ -44,17 +44,47 @@ def recorded(monkeypatch):
     return params
 
 
+@pytest.fixture
+def settings(monkeypatch):
+    """What the CLI hands to `make_backend` and to `Rollout` (both still run for real)."""
+    seen = {}
+    real_make, real_rollout = rollout_module.make_backend, rollout_module.Rollout
+
+    def make(*args, **kwargs):
+        seen["backend"] = (args, kwargs)
+        return real_make(*args, **kwargs)
+
+    class Recording(real_rollout):
+        def __init__(self, *args, **kwargs):
+            seen["rollout"] = (args, kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "make_backend", make)
+    monkeypatch.setattr(rollout_module, "Rollout", Recording)
+    return seen
+
+
 @requires_coq
-def test_cli_runs_episodes_with_its_settings_and_appends_them(tmp_path, capsys, recorded):
+def test_cli_runs_episodes_with_its_settings_and_appends_them(tmp_path, capsys, recorded, settings):
     out = tmp_path / "e.jsonl"
     argv = ["--problems", str(DATA / "rocq_problems.jsonl"), "--model", "tiny-qwen3", "--limit", "2",
             "--n-samples", "2", "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "3", "--max-turns", "4",
             "--max-concurrent-checks", "1", "--feedback", "constant", "--feedback-text", "Use lia.",
             "--out", str(out)]
     assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert (summary["episodes"], summary["errors"], summary["out"]) == (4, 0, str(out))
-    assert summary["generated_tokens"] == 4 * 12 and summary["tokens_per_s"] > 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    summary = json.loads(first)
+    assert (summary["solved"], summary["episodes"], summary["errors"], summary["out"]) == (0, 4, 0, str(out))
+    assert summary["generated_tokens"] == 4 * 12 and summary["wall_s"] > 0
+    assert abs(summary["tokens_per_s"] * summary["wall_s"] - 48) < 0.1 * 48  # tokens / wall time
+    assert summary["tokens_per_s"] == round(summary["tokens_per_s"], 1) and summary["wall_s"] == round(
+        summary["wall_s"], 1)
+    assert re.fullmatch(r"solved 0 of 4, [0-9.]+ tokens/s", second)
+    args, kwargs = settings["backend"]
+    assert args == ("transformers", "tiny-qwen3") and kwargs == {"device": "cpu", "dtype": None, "seed": 3}
+    config = settings["rollout"][0][3]
+    assert (config.max_new_tokens, config.max_turns, config.temperature, config.max_concurrent_checks,
+            config.seed) == (12, 4, 0.7, 1, 3)
     episodes = list(read_episodes(out))
     assert len(episodes) == 4 and {e.problem["name"] for e in episodes} == {
         json.loads(line)["name"] for line in (DATA / "rocq_problems.jsonl").read_text().splitlines()[:2]}
@@ -238,3 +268,12 @@ def test_cli_defaults_are_the_rollout_config_defaults():
                                      "--max-concurrent-checks", "6", "--seed", "8"])
     assert (typed.n_samples, typed.limit, typed.max_new_tokens, typed.max_turns, typed.temperature,
             typed.max_concurrent_checks, typed.seed) == (3, 2, 9, 4, 0.5, 6, 8)
+
+
+@requires_coq
+def test_cli_self_feedback_is_written_by_the_rollout_s_own_model(tmp_path):
+    out = tmp_path / "e.jsonl"
+    assert main(["--problems", str(DATA / "rocq_problems.jsonl"), "--model", "tiny-qwen3", "--limit", "1",
+                 "--max-new-tokens", "4", "--feedback", "self", "--out", str(out)]) == 0
+    [episode] = read_episodes(out)
+    assert episode.error is None and episode.feedback.source == "self" and episode.feedback.text
