@@ -166,7 +166,9 @@ def test_a_crashing_episode_does_not_lose_the_others(qwen_tokenizer, rocq, tmp_p
     episodes = asyncio.run(rollout_many(rollout, problems, 2, writer, progress=False))
     reasons = sorted(e.finish_reason for e in episodes)
     assert reasons == ["error", "error", "no_tool_call", "no_tool_call", "no_tool_call", "no_tool_call"]
-    assert all("backend exploded" in e.error for e in episodes if e.finish_reason == "error")
+    crashed = [e for e in episodes if e.finish_reason == "error"]
+    assert all(e.error.startswith("RuntimeError: backend exploded") for e in crashed)
+    assert all(e.reward == 0.0 and not e.solved for e in crashed)  # a crash is never a success
     assert len(list(read_episodes(tmp_path / "ep.jsonl"))) == 6
 
 
