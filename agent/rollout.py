@@ -398,7 +398,6 @@ def _make_feedback(args: argparse.Namespace, backend: GenerationBackend, tokeniz
     return make_feedback(args.feedback)
 
 
-
 class ProverUnavailableError(RuntimeError):
     """The prover a run asks for cannot run here; the message says why and how to fix it."""
 
