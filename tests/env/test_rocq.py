@@ -170,8 +170,9 @@ def test_file_cannot_write_or_read_outside_its_sandbox(rocq, tmp_path):
     for source in (f'Redirect "{target}" Print nat.\n', f'Extraction "{target}" nat.\n'):
         check(rocq, source, problem=None)
     assert list(tmp_path.iterdir()) == [secret]
-    result, _ = check(rocq, f'Load "{secret}".\nCheck secret.\n', problem=None)
-    assert result.status == "error" and "42" not in result.raw_output
+    result, _ = check(rocq, f'Load "{secret}".\nPrint secret.\n', problem=None)
+    # The file's path is in the error message, so look for what Print would show, not for "42".
+    assert result.status == "error" and "secret = 42" not in result.raw_output
     check(rocq, 'Redirect "/tmp/fd_escape" Print nat.\n', problem=None)
     assert not any(p.name.startswith("fd_escape") for p in Path("/tmp").iterdir())
 
