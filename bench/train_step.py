@@ -19,12 +19,21 @@ parameters and peak `--peak-tflops` per GPU (790: bf16 dense on an H200 as the p
 it); recomputation (activation checkpointing) is not useful work. Tokens are all the packed
 tokens, prompts included. Time: the median of `--steps` steps after `--warmup` (which compile).
 Peak memory: the CUDA allocator's, the highest rank's.
+
+`--profile DIR` runs one more step under torch's profiler after the measured ones and
+prints where its time went: each phase of the step (`step.scoring`: the teacher's or
+reference's forward and top K; `step.forward`: the student's layers; `step.head`: the
+chunked LM head and loss; `step.backward`) with its host time and the span of its GPU
+work, how busy the GPU was over the step (kernel time / wall time: far below 100% means
+the step waits on the host), and the kernels that took the most GPU time. The Chrome trace
+of each rank goes to DIR (open it in Perfetto or chrome://tracing).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import os
 import statistics
@@ -116,6 +125,12 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile:
+        distributed.barrier()
+        path = profile_step(step, device, Path(args.profile), f"{algorithm}-{args.shape}-rank{distributed.rank()}")
+        if distributed.is_main():
+            with gzip.open(path, "rt") as f:
+                print(f"{algorithm} profile (rank 0, trace {path}):\n{summarize_trace(json.load(f))}", flush=True)
     world = distributed.world_size()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     parts = distributed.gather([statistics.median(times), peak])  # every rank's, on rank 0; elsewhere none
@@ -127,6 +142,73 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
     return {"algorithm": algorithm, "ranks": world, "params": n_params, "tokens": tokens,
             "other_tokens": other_tokens * world, "seconds": seconds, "tokens_per_s_per_gpu": tokens / seconds / world,
             "mfu": flops / seconds / (world * args.peak_tflops * 1e12), "peak_gib": peak}
+
+
+PHASES = ("step.scoring", "step.forward", "step.head", "step.backward")
+
+
+def profile_step(step, device: torch.device, out: Path, label: str) -> Path:
+    """One step under the profiler; its Chrome trace written gzipped to `out`, returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / f"{label}.json"
+    prof.export_chrome_trace(str(raw))
+    path = out / f"{label}.json.gz"
+    with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+        dst.write(src.read())
+    raw.unlink()
+    return path
+
+
+def _union_us(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize_trace(trace: dict, top: int = 12) -> str:
+    """Where one profiled step's time went, from its Chrome trace: the phases' host time and GPU span,
+    the GPU's busy share of the step, the kernels with the most GPU time."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    if not events:
+        return "the trace holds no timed events"
+    wall = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    host = {p: 0.0 for p in PHASES}
+    gpu: dict[str, list[tuple[float, float]]] = {p: [] for p in PHASES}
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    for e in events:
+        if e["name"] in host and e.get("cat") == "user_annotation":
+            host[e["name"]] += e["dur"]
+        elif e["name"] in gpu and e.get("cat") == "gpu_user_annotation":
+            gpu[e["name"]].append((e["ts"], e["ts"] + e["dur"]))
+    lines = [f"profiled step: {wall / 1e3:,.1f} ms from first to last event"]
+    for phase in PHASES:
+        span = f", GPU span {_union_us(gpu[phase]) / 1e3:,.1f} ms" if gpu[phase] else ""
+        lines.append(f"  {phase:<14} host {host[phase] / 1e3:9,.1f} ms{span}")
+    if kernels:
+        busy = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+        lines.append(f"  GPU busy {busy / 1e3:,.1f} ms of {wall / 1e3:,.1f} ms ({100 * busy / wall:.0f}%)")
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e["name"], []).append(e["dur"])
+        summed = sum(e["dur"] for e in kernels)
+        lines.append(f"  top kernels by GPU time (share of all {len(kernels)} launches' time):")
+        for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            share = 100 * sum(durs) / summed
+            lines.append(f"    {sum(durs) / 1e3:9,.1f} ms {share:5.1f}% x{len(durs):<5d} {name[:90]}")
+    return "\n".join(lines)
 
 
 def print_row(row: dict[str, float], args: argparse.Namespace) -> None:
@@ -193,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--nproc", type=int, default=1, help="also run under torchrun with this many processes")
     parser.add_argument("--head", action="store_true", help="also the LM head alone at 8,192 tokens")
+    parser.add_argument("--profile", metavar="DIR", help="also profile one step: phases, GPU busy share, top "
+                        "kernels; Chrome traces to DIR")
     parser.add_argument("--report", help=argparse.SUPPRESS)  # where a child run leaves its rows
     args = parser.parse_args(argv)
     if args.trained >= args.seq_len:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+from torch.profiler import record_function
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from trainer import distributed
@@ -83,7 +84,8 @@ def plan(sequences: Sequence[TrainSequence], token_budget: int, pad_id: int) -> 
 
 class ScoringTimer:
     """Adds up the time of code blocks (the teacher's or reference's scoring) without synchronising the
-    GPU: CUDA events, read once at the end; wall time on a CPU."""
+    GPU: CUDA events, read once at the end; wall time on a CPU. Each block is also the profiler range
+    `step.scoring` (the step's other ranges: `step.forward`, `step.head`, `step.backward`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -92,6 +94,11 @@ class ScoringTimer:
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
+        with record_function("step.scoring"), self._timed():
+            yield
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -118,8 +125,10 @@ def fd_backward(student: torch.nn.Module, teacher: torch.nn.Module, sequences: S
         with torch.no_grad(), scoring():
             t = teacher_batch(batch, device=s.input_ids.device)
             ids, probs = teacher_topk(hidden_states(teacher, t), lm_head_weight(teacher), k=top_k, chunk=chunk)
-        return fd_loss(hidden_states(student, s), lm_head_weight(student), ids, probs, None, renormalize=renormalize,
-                       chunk=chunk)
+        with record_function("step.forward"):
+            hidden = hidden_states(student, s)
+        with record_function("step.head"):
+            return fd_loss(hidden, lm_head_weight(student), ids, probs, None, renormalize=renormalize, chunk=chunk)
 
     use_packed_attention(teacher)
     return _accumulate(student, sequences, micro_loss, token_budget=token_budget, pad_id=pad_id)
@@ -138,8 +147,11 @@ def grpo_backward(policy: torch.nn.Module, reference: torch.nn.Module | None, se
                                              chunk=chunk)
         advantages = torch.tensor([b.advantage for b in batch], dtype=torch.float32)
         advantages = advantages.to(s.input_ids.device, non_blocking=True)[s.seq_index]
-        return grpo_head_loss(hidden_states(policy, s), lm_head_weight(policy), s.targets, ref, advantages, None,
-                              clip_eps=clip_eps, kl_coef=kl_coef, chunk=chunk)
+        with record_function("step.forward"):
+            hidden = hidden_states(policy, s)
+        with record_function("step.head"):
+            return grpo_head_loss(hidden, lm_head_weight(policy), s.targets, ref, advantages, None,
+                                  clip_eps=clip_eps, kl_coef=kl_coef, chunk=chunk)
 
     if reference is not None:
         use_packed_attention(reference)
@@ -162,7 +174,8 @@ def _accumulate(model: torch.nn.Module, sequences: Sequence[TrainSequence], micr
     scoring = ScoringTimer(device)
     for batch in batches:
         loss, batch_stats = micro_loss(batch, student_batch(batch, device=device), scoring)
-        (loss / total).backward()
+        with record_function("step.backward"):
+            (loss / total).backward()
         stats["loss_sum"] += float(loss.detach())
         for key, value in batch_stats.items():
             stats[key] += value
