@@ -279,3 +279,35 @@ def test_cli_self_feedback_is_written_by_the_rollout_s_own_model(tmp_path):
                  "--max-new-tokens", "4", "--feedback", "self", "--out", str(out)]) == 0
     [episode] = read_episodes(out)
     assert episode.error is None and episode.feedback.source == "self" and episode.feedback.text
+
+
+@requires_coq
+def test_cli_summary_counts_crashed_episodes(tmp_path, capsys, monkeypatch):
+    """The real backend, made to fail every request of one problem of three: its episodes end in `error`
+    and the summary counts them; the other problems' episodes are kept."""
+    real = rollout_module.make_backend
+    problems = [json.loads(line) for line in (DATA / "rocq_problems.jsonl").read_text().splitlines()[:3]]
+
+    def make(*args, **kwargs):
+        backend, tokenizer = real(*args, **kwargs)
+        generate = backend.generate
+
+        async def failing(prompt_ids, p):
+            if problems[1]["name"] in tokenizer.decode(prompt_ids):
+                raise RuntimeError("engine died")
+            return await generate(prompt_ids, p)
+
+        backend.generate = failing
+        return backend, tokenizer
+
+    monkeypatch.setattr(rollout_module, "make_backend", make)
+    out = tmp_path / "e.jsonl"
+    assert main(["--problems", str(DATA / "rocq_problems.jsonl"), "--model", "tiny-qwen3", "--limit", "3",
+                 "--n-samples", "3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (summary["episodes"], summary["errors"], summary["solved"]) == (9, 3, 0)
+    assert summary["generated_tokens"] == 6 * 4  # the crashed episodes generated nothing
+    episodes = list(read_episodes(out))
+    assert sorted((e.problem["name"], e.finish_reason) for e in episodes) == sorted(
+        [(problems[0]["name"], "token_budget")] * 3 + [(problems[1]["name"], "error")] * 3
+        + [(problems[2]["name"], "token_budget")] * 3)
