@@ -36,6 +36,7 @@ MODULES = {
     "agent/rollout.py": ["tests/agent/test_rollout.py", "tests/agent/test_rollout_cli.py",
                          "tests/env/test_lean_unavailable.py"],
     "env/provers/rocq.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
+    "env/provers/rocq_trusted.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
 FAST = ["env/verdict.py", "agent/episode.py", "env/provers/rocq_text.py", "trainer/losses.py",
         "trainer/batches.py", "trainer/algorithms.py"]
