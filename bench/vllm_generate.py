@@ -9,9 +9,11 @@ requests (random prompts, exactly `--new-tokens` new tokens each, all at once) t
 round after round through
   raw: `AsyncLLM.generate` on that engine with vLLM's leanest settings (final output only,
        no detokenization, no logprobs, no seeds);
-  raw+logprobs, raw+seeds: the same with the sampled token's logprob, or a seed per request;
+  raw+logprobs, raw+seeds: the same with the sampled token's logprob (vLLM's default format: a
+       dict and an object per token), or a seed per request;
+  raw+flat: with the sampled token's logprob in vLLM's flat format (`flat_logprobs=True`);
   ours: `VLLMBackend.generate` from another event loop, with our sampling parameters (the
-       sampled token's logprob; each request's seed left to the engine, the default);
+       sampled token's logprob, flat; each request's seed left to the engine, the default);
   ours+seeds: the same with `request_seeds=True`.
 Then: one weight update of the whole model (bucketed CUDA IPC), a sleep and a wake-up with
 new weights, and, with `--hf-new-tokens N`, the transformers backend on the same prompts
@@ -51,7 +53,7 @@ def qwen3_1_7b_shape(path: Path) -> None:
 
 
 async def raw(backend: VLLMBackend, prompts: list[list[int]], new_tokens: int, *, logprobs: bool = False,
-              seeds: bool = False) -> int:
+              flat: bool = False, seeds: bool = False) -> int:
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -59,7 +61,7 @@ async def raw(backend: VLLMBackend, prompts: list[list[int]], new_tokens: int, *
     async def one(index: int, prompt: list[int]) -> int:
         params = VLLMSamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False,
                                     output_kind=RequestOutputKind.FINAL_ONLY, logprobs=0 if logprobs else None,
-                                    seed=index if seeds else None)
+                                    flat_logprobs=flat, seed=index if seeds else None)
         outputs = [o async for o in backend._engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
                                                              new_request_id())]
         return len(outputs[-1].outputs[0].token_ids)
@@ -111,6 +113,7 @@ def main() -> None:
     variants = {
         "raw": lambda: backend._run(raw(backend, prompts, n)),
         "raw+logprobs": lambda: backend._run(raw(backend, prompts, n, logprobs=True)),
+        "raw+flat": lambda: backend._run(raw(backend, prompts, n, logprobs=True, flat=True)),
         "raw+seeds": lambda: backend._run(raw(backend, prompts, n, seeds=True)),
         "ours": lambda: asyncio.run(ours(backend, prompts, n)),
         "ours+seeds": lambda: ours_seeded(backend, prompts, n),

@@ -93,11 +93,24 @@ class _Logprob(Protocol):
     logprob: float
 
 
+class FlatLogprobsLike(Protocol):
+    """The fields of `vllm.logprobs.FlatLogprobs` this adapter reads: every position's candidates in one
+    list per field, position i's in [start_indices[i], end_indices[i]), the sampled token's first."""
+
+    start_indices: Sequence[int]
+    end_indices: Sequence[int]
+    token_ids: Sequence[int]
+    logprobs: Sequence[float]
+
+    def __len__(self) -> int: ...
+
+
 class CompletionOutputLike(Protocol):
     """The fields of `vllm.outputs.CompletionOutput` this adapter reads."""
 
     token_ids: Sequence[int]
-    logprobs: Sequence[Mapping[int, _Logprob]] | None  # one dict per generated token, sampled token included
+    # with flat_logprobs (what we ask for) a FlatLogprobs; otherwise one dict per generated token
+    logprobs: FlatLogprobsLike | Sequence[Mapping[int, _Logprob]] | None
     finish_reason: str | None  # "stop", "length", "abort", "error", "repetition"; None while unfinished
 
 
@@ -123,6 +136,9 @@ def to_vllm_sampling_kwargs(params: SamplingParams, *, can_detokenize: bool, req
         "detokenize": bool(params.stop_strings),
         "skip_special_tokens": False,
         "logprobs": 0,  # no extra candidates: vLLM always returns the sampled token's own logprob
+        # the logprobs in a few flat lists per request instead of a dict and an object per token: less for
+        # the engine's output loop to allocate and for the garbage collector to walk while it generates
+        "flat_logprobs": True,
     }
 
 
@@ -144,11 +160,23 @@ def generation_from_completion(output: CompletionOutputLike) -> Generation:
         raise VLLMGenerationError("vLLM returned fewer logprobs than tokens: was the request made with logprobs=0?")
     logprobs = []
     for position, token_id in enumerate(token_ids):
-        candidates = output.logprobs[position]
-        if token_id not in candidates:
+        logprob = _sampled_logprob(output.logprobs, position, token_id)
+        if logprob is None:
             raise VLLMGenerationError(f"vLLM returned no logprob for the sampled token {token_id} at {position}")
-        logprobs.append(float(candidates[token_id].logprob))
+        logprobs.append(logprob)
     return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=reason)
+
+
+def _sampled_logprob(logprobs: FlatLogprobsLike | Sequence[Mapping[int, _Logprob]], position: int,
+                     token_id: int) -> float | None:
+    """The logprob of `token_id` among the candidates at `position`, or None when it is not one of them."""
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: read the flat lists, build nothing
+        for i in range(logprobs.start_indices[position], logprobs.end_indices[position]):
+            if logprobs.token_ids[i] == token_id:
+                return float(logprobs.logprobs[i])
+        return None
+    candidates = logprobs[position]
+    return float(candidates[token_id].logprob) if token_id in candidates else None
 
 
 def new_request_id() -> str:

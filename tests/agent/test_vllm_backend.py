@@ -54,6 +54,42 @@ class Logprob:  # stand-in for vllm.logprobs.Logprob
 
 
 @dataclass
+class FlatLogprobs:  # stand-in for vllm.logprobs.FlatLogprobs: its fields, its append, its length and indexing
+    start_indices: list[int] = field(default_factory=list)
+    end_indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int | None] = field(default_factory=list)
+    decoded_tokens: list[str | None] = field(default_factory=list)
+
+    def append(self, position: dict[int, Logprob] | None) -> None:
+        self.start_indices.append(len(self.logprobs))
+        for token_id, logprob in (position or {}).items():
+            self.token_ids.append(token_id)
+            self.logprobs.append(logprob.logprob)
+            self.ranks.append(logprob.rank)
+            self.decoded_tokens.append(logprob.decoded_token)
+        self.end_indices.append(len(self.logprobs))
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+    def __getitem__(self, position: int) -> dict[int, Logprob]:
+        return {self.token_ids[i]: Logprob(self.logprobs[i], self.ranks[i], self.decoded_tokens[i])
+                for i in range(self.start_indices[position], self.end_indices[position])}
+
+
+def as_container(positions: list[dict[int, Logprob]], flat: bool):
+    """The logprobs of a completion as vLLM returns them: a FlatLogprobs with flat_logprobs, else a list."""
+    if not flat:
+        return positions
+    out = FlatLogprobs()
+    for position in positions:
+        out.append(position)
+    return out
+
+
+@dataclass
 class CompletionOutput:  # stand-in for vllm.outputs.CompletionOutput
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None
@@ -65,9 +101,9 @@ class CompletionOutput:  # stand-in for vllm.outputs.CompletionOutput
     weight_versions: list = field(default_factory=list)
 
 
-def completion(token_ids, finish_reason, stop_reason=None):
+def completion(token_ids, finish_reason, stop_reason=None, flat=True):
     logprobs = [{t: Logprob(-0.1 * (i + 1), rank=1)} for i, t in enumerate(token_ids)]
-    return CompletionOutput(token_ids, logprobs, finish_reason, stop_reason)
+    return CompletionOutput(token_ids, as_container(logprobs, flat), finish_reason, stop_reason)
 
 
 # --- sampling parameters ---
@@ -80,6 +116,7 @@ def test_sampling_kwargs_map_every_field():
     assert kwargs["max_tokens"] == 64 and kwargs["seed"] == 5
     assert kwargs["stop_token_ids"] == [2, 7] and kwargs["ignore_eos"] is True  # only our stop tokens stop
     assert kwargs["logprobs"] == 0  # the sampled token's logprob, no other candidates
+    assert kwargs["flat_logprobs"] is True  # in a few flat lists, not a dict per token
     assert kwargs["stop"] == [] and kwargs["detokenize"] is False  # nothing to match: ids only
 
 
@@ -105,8 +142,9 @@ def test_request_seeds_reach_vllm_only_when_asked():
 # --- completion outputs ---
 
 
-def test_length_and_logprobs():
-    gen = generation_from_completion(completion([11, 12, 13], "length"))
+@pytest.mark.parametrize("flat", [True, False], ids=["flat logprobs", "a dict per token"])
+def test_length_and_logprobs(flat):
+    gen = generation_from_completion(completion([11, 12, 13], "length", flat=flat))
     assert gen.token_ids == [11, 12, 13] and gen.finish_reason == "length"
     assert gen.logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
@@ -117,13 +155,16 @@ def test_stop_token_or_string_is_stop(stop_reason):
     assert gen.finish_reason == "stop" and gen.token_ids == [11, 12, 13]
 
 
-def test_sampled_token_logprob_is_picked_among_candidates():
-    out = CompletionOutput([5, 6], [{9: Logprob(-0.01), 5: Logprob(-2.0)}, {6: Logprob(-0.5)}], "length")
-    assert generation_from_completion(out).logprobs == [-2.0, -0.5]
+@pytest.mark.parametrize("flat", [True, False], ids=["flat logprobs", "a dict per token"])
+def test_sampled_token_logprob_is_picked_among_candidates(flat):
+    positions = [{9: Logprob(-0.01), 5: Logprob(-2.0)}, {7: Logprob(-0.2), 6: Logprob(-0.5)}, {6: Logprob(-0.7)}]
+    out = CompletionOutput([5, 6, 6], as_container(positions, flat), "length")
+    assert generation_from_completion(out).logprobs == [-2.0, -0.5, -0.7]
 
 
-def test_logprobs_of_tokens_dropped_after_a_stop_string_are_ignored():
-    out = completion([1, 2, 3], "stop", "x")
+@pytest.mark.parametrize("flat", [True, False], ids=["flat logprobs", "a dict per token"])
+def test_logprobs_of_tokens_dropped_after_a_stop_string_are_ignored(flat):
+    out = completion([1, 2, 3], "stop", "x", flat=flat)
     out.logprobs.append({4: Logprob(-9.0)})  # a 4th token sampled in the same step, cut by the stop string
     assert generation_from_completion(out).logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
@@ -134,13 +175,15 @@ def test_no_result_raises(reason):
         generation_from_completion(completion([1, 2], reason))
 
 
-def test_missing_logprobs_raise():
+@pytest.mark.parametrize("flat", [True, False], ids=["flat logprobs", "a dict per token"])
+def test_missing_logprobs_raise(flat):
     with pytest.raises(VLLMGenerationError, match="fewer logprobs"):
         generation_from_completion(CompletionOutput([1, 2], None, "length"))
     with pytest.raises(VLLMGenerationError, match="fewer logprobs"):
-        generation_from_completion(CompletionOutput([1, 2], [{1: Logprob(-1.0)}], "length"))
-    with pytest.raises(VLLMGenerationError, match="sampled token 2"):
-        generation_from_completion(CompletionOutput([1, 2], [{1: Logprob(-1.0)}, {3: Logprob(-1.0)}], "length"))
+        generation_from_completion(CompletionOutput([1, 2], as_container([{1: Logprob(-1.0)}], flat), "length"))
+    with pytest.raises(VLLMGenerationError, match="sampled token 2 at 1"):
+        positions = [{1: Logprob(-1.0)}, {3: Logprob(-1.0)}, {2: Logprob(-1.0)}]  # 2 is a candidate one later
+        generation_from_completion(CompletionOutput([1, 2], as_container(positions, flat), "length"))
 
 
 def test_request_ids_are_unique():
@@ -231,6 +274,7 @@ class VLLMSamplingParams:  # vllm.SamplingParams: the fields (and defaults) of b
     detokenize: bool = True
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    flat_logprobs: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
 
@@ -346,7 +390,8 @@ class AsyncLLM024:
         ids = [last + i + 1 for i in range(n)]
         for logger in self.loggers:
             logger.record(None, SimpleNamespace(num_generation_tokens=n), mm_cache_stats=None, engine_idx=0)
-        yield SimpleNamespace(outputs=[CompletionOutput(ids, [{t: Logprob(-1.0)} for t in ids], "length")])
+        logprobs = as_container([{t: Logprob(-1.0)} for t in ids], sampling_params.flat_logprobs)
+        yield SimpleNamespace(outputs=[CompletionOutput(ids, logprobs, "length")])
 
     async def pause_generation(self, *, mode="abort", wait_for_inflight_requests=None, clear_cache=True):
         assert mode in ("abort", "wait", "keep")
