@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from agent import rollout as rollout_module
 from agent.backends.base import SamplingParams
@@ -130,6 +131,37 @@ def test_make_backend_transformers_and_unknown():
         make_backend("tgi", "tiny-qwen3")
 
 
+def test_make_backend_transformers_loads_as_asked(monkeypatch):
+    """What reaches the real `load_model` and `TransformersBackend`; the device is recorded, and the model
+    then built on the CPU (no GPU here)."""
+    import agent.models
+    from agent.backends import hf
+
+    load, backend_class, loads, made = agent.models.load_model, hf.TransformersBackend, [], []
+
+    class Recording(backend_class):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(agent.models, "load_model", lambda model, **kw: loads.append((model, kw)) or load(
+        model, **{**kw, "device": "cpu"}))
+    monkeypatch.setattr(hf, "TransformersBackend", Recording)
+    gpu, tokenizer = make_backend("transformers", "tiny-qwen3", device="cuda:1", seed=7)
+    cpu, _ = make_backend("transformers", "tiny-qwen3")
+    half, _ = make_backend("transformers", "tiny-qwen3", dtype="bfloat16")
+    try:
+        assert loads == [("tiny-qwen3", {"dtype": "bfloat16", "device": "cuda:1", "seed": 7}),
+                         ("tiny-qwen3", {"dtype": "float32", "device": "cpu", "seed": 0}),
+                         ("tiny-qwen3", {"dtype": "bfloat16", "device": "cpu", "seed": 0})]
+        assert gpu.tokenizer is tokenizer  # its stop strings need it
+        assert [kw.get("seed") for kw in made] == [7, 0, 0] and gpu._rng.initial_seed() == 7
+        assert next(half.model.parameters()).dtype == torch.bfloat16
+    finally:
+        for backend in (gpu, cpu, half):
+            backend.close()
+
+
 def test_make_backend_vllm_arguments(monkeypatch):
     """vLLM needs a GPU: a recorder with `VLLMBackend`'s real signature takes its place."""
     from agent.backends import vllm
@@ -146,6 +178,9 @@ def test_make_backend_vllm_arguments(monkeypatch):
     assert (first["tensor_parallel_size"], first["gpu_memory_utilization"], first["enable_sleep_mode"],
             first["seed"], first["dtype"]) == (2, 0.3, True, 4, "auto")
     assert second["dtype"] == "bfloat16"
+    # the defaults: one GPU, vLLM's own share of it, no sleep mode (the trainer sets its own)
+    assert (second["tensor_parallel_size"], second["gpu_memory_utilization"], second["enable_sleep_mode"],
+            second["seed"]) == (1, 0.9, False, 0)
 
 
 class Args:
