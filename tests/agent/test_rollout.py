@@ -3,6 +3,8 @@
 import asyncio
 import json
 import re
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -286,13 +288,18 @@ def test_progress_bar_shows_tokens_before_any_episode_ends(qwen_tokenizer, tiny_
     from agent.backends.hf import TransformersBackend
 
     monkeypatch.setattr(rollout_module, "PROGRESS_INTERVAL_S", 0.05)
+    # the rollout's clock runs 1000x slow, so tokens/s can only come out right as tokens over elapsed time
+    real = time.monotonic
+    monkeypatch.setattr(rollout_module, "time", SimpleNamespace(monotonic=lambda: real() / 1000))
     backend = TransformersBackend(tiny_model, qwen_tokenizer)
     rollout = Rollout(backend, qwen_tokenizer, rocq, RolloutConfig(max_new_tokens=300, temperature=1.0),
                       model_name="tiny-qwen3")
+    start = real()
     try:
         [episode] = asyncio.run(rollout_many(rollout, [PROBLEM], 1, progress=True))
     finally:
         backend.close()
+    wall = (real() - start) / 1000
     frames = capsys.readouterr().err.replace("\r", "\n").splitlines()
     running = [f for f in frames if "0/1" in f and "tokens=" in f]
     counts = [int(re.search(r"tokens=(\d+)", f).group(1)) for f in running]
@@ -300,6 +307,8 @@ def test_progress_bar_shows_tokens_before_any_episode_ends(qwen_tokenizer, tiny_
     assert "tok_s=" in running[-1]
     final = [f for f in frames if "1/1" in f and "tokens=" in f][-1]
     assert re.search(r"tokens=(\d+)", final).group(1) == str(episode.num_generated)
+    elapsed = episode.num_generated / float(re.search(r"tok_s=([\d.]+)", final).group(1))  # in the slow clock
+    assert 0.99 * episode.timings["total_s"] <= elapsed <= 1.01 * wall
 
 
 def test_progress_bar_counts_this_call_s_solved_episodes_and_tokens(qwen_tokenizer, rocq, capsys):
