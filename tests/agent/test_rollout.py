@@ -321,3 +321,19 @@ def test_progress_bar_counts_this_call_s_solved_episodes_and_tokens(qwen_tokeniz
     last = [f for f in final if "2/2" in f][-1]
     assert all(e.solved for e in episodes) and "solved=2" in last
     assert re.search(r"tokens=(\d+)", last).group(1) == str(sum(e.num_generated for e in episodes))
+
+
+def test_prompt_feedback_is_in_the_prompt_the_policy_sees(qwen_tokenizer, rocq):
+    """`prompt_feedback`: the policy's own prompt carries the feedback, framed as the FD teacher's is."""
+    from agent.feedback.base import FEEDBACK_HEADER
+
+    seen = []
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda prompt, turn: seen.append(prompt) or "done",
+                           prompt_feedback="Use lra.")
+    told = asyncio.run(rollout.run(PROBLEM))
+    plain = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: "done").run(PROBLEM))
+    user = told.messages[1]["content"]
+    assert user == f"{plain.messages[1]['content']}\n\n{FEEDBACK_HEADER}\nUse lra."
+    assert f"{FEEDBACK_HEADER}\nUse lra." in seen[0] and PROBLEM.name in seen[0]
+    assert told.prompt_len > plain.prompt_len
+    assert_consistent(told, qwen_tokenizer)
