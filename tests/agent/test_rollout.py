@@ -153,6 +153,47 @@ def test_prompt_budget(qwen_tokenizer, rocq):
     assert rollout.backend.calls == 0
 
 
+def test_a_prompt_exactly_at_its_budget_is_played(qwen_tokenizer, rocq):
+    length = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: "done").run(PROBLEM)).prompt_len
+    for budget, reason in [(length, "no_tool_call"), (length - 1, "prompt_too_long")]:
+        episode = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: "done",
+                                           max_prompt_tokens=budget).run(PROBLEM))
+        assert episode.finish_reason == reason
+
+
+def test_a_tool_turn_that_spends_the_budget_exactly_ends_the_episode(qwen_tokenizer, rocq):
+    """The turn ends on its stop token with no token left: its tool calls run, no request for zero tokens
+    follows, and the written file gets its final check."""
+    wrong = call("rocq_write_file", path="Main.v", content=rocq.render(PROBLEM, "  lia."))
+    script = [wrong, "Done."]
+    first = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: script[t - 1]).run(PROBLEM))
+    spent = first.loss_mask.index(1)  # the first generated token
+    n = next(i for i in range(spent, len(first.loss_mask)) if not first.loss_mask[i]) - spent  # turn 1's tokens
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: script[t - 1], max_new_tokens=n)
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert rollout.backend.calls == 1 and episode.num_generated == n and len(episode.tool_calls) == 1
+    assert episode.finish_reason == "token_budget" and episode.verdict is not None  # checked, not solved
+    assert not episode.verdict["solved"] and episode.reward == 0.0
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: script[t - 1], max_new_tokens=n + 1)
+    asyncio.run(rollout.run(PROBLEM))
+    assert [p.max_new_tokens for p in rollout.backend.params] == [n + 1, 1]  # one token left: still asked for
+
+
+def test_generation_time_adds_up_over_turns(qwen_tokenizer, rocq):
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: [call("rg_in_stdlib", pattern="Rplus_comm"),
+                                                               call("rg_in_stdlib", pattern="Rmult_comm"),
+                                                               "done"][t - 1])
+    generate = rollout.backend.generate
+
+    async def slow(prompt_ids, params):
+        await asyncio.sleep(0.2)
+        return await generate(prompt_ids, params)
+
+    rollout.backend.generate = slow
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert rollout.backend.calls == 3 and episode.timings["generation_s"] >= 0.6
+
+
 def test_a_crashing_episode_does_not_lose_the_others(qwen_tokenizer, rocq, tmp_path):
     def script(prompt, turn):
         if "fd_rocq_" in prompt and "linear_eq_1" in prompt:
