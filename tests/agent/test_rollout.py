@@ -379,3 +379,12 @@ def test_prompt_feedback_is_in_the_prompt_the_policy_sees(qwen_tokenizer, rocq):
     assert f"{FEEDBACK_HEADER}\nUse lra." in seen[0] and PROBLEM.name in seen[0]
     assert told.prompt_len > plain.prompt_len
     assert_consistent(told, qwen_tokenizer)
+
+
+def test_episodes_carry_a_fresh_id_and_the_weights_version_that_generated_them(qwen_tokenizer, rocq):
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: "done")
+    rollout.backend.policy_version = 3
+    episodes = asyncio.run(rollout_many(rollout, [PROBLEM], 3, progress=False))
+    ids = [e.episode_id for e in episodes]
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert [e.policy_version for e in episodes] == [3, 3, 3]
