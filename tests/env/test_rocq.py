@@ -334,3 +334,19 @@ def test_only_a_clean_file_of_a_known_problem_gets_the_trusted_check(rocq, monke
         assert calls == []
         solved = rocq.check(rocq.render(PROBLEM), d.root, problem=PROBLEM, timeout_s=45)
     assert solved.trusted and len(calls) == 1 and calls[0]["timeout_s"] == 45
+
+
+def test_stage_files_are_read_within_a_bound_and_never_raise(tmp_path):
+    """What the statement check's `Redirect`s wrote: at most MAX_STAGE_FILE_BYTES, undecodable bytes
+    replaced; a link, a folder or no file at all reads as not written."""
+    from env.provers.rocq_trusted import MAX_STAGE_FILE_BYTES, _read_stage
+
+    big = tmp_path / "big.out"
+    big.write_bytes(b"\xff" + b"x" * (MAX_STAGE_FILE_BYTES + 100))
+    text = _read_stage(big)
+    assert text.startswith("\ufffdx") and len(text) == MAX_STAGE_FILE_BYTES
+    (tmp_path / "link.out").symlink_to(big)
+    (tmp_path / "folder.out").mkdir()
+    assert [_read_stage(tmp_path / n) for n in ("link.out", "folder.out", "none.out")] == [None, None, None]
+    (tmp_path / "empty.out").write_bytes(b"")
+    assert _read_stage(tmp_path / "empty.out") == ""  # written, with nothing in it
