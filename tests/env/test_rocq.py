@@ -350,3 +350,26 @@ def test_stage_files_are_read_within_a_bound_and_never_raise(tmp_path):
     assert [_read_stage(tmp_path / n) for n in ("link.out", "folder.out", "none.out")] == [None, None, None]
     (tmp_path / "empty.out").write_bytes(b"")
     assert _read_stage(tmp_path / "empty.out") == ""  # written, with nothing in it
+
+
+def test_the_trusted_check_works_inside_the_episode_directory_and_leaves_nothing(rocq, monkeypatch, tmp_path):
+    """Every process of the re-check runs in a folder of the episode's own directory (removed with it if
+    the run dies), with the prover's memory cap; none of those folders is left afterwards."""
+    from env.provers import rocq_trusted
+
+    real, runs = rocq_trusted.run_jailed, []
+
+    def recording(argv, **kwargs):
+        runs.append((argv[0], kwargs["workdir"], kwargs["memory_mb"], list(Path(kwargs["workdir"]).iterdir())))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(rocq_trusted, "run_jailed", recording)
+    episode = tmp_path / "episode"
+    episode.mkdir()
+    result = rocq.check(rocq.render(PROBLEM), episode, problem=PROBLEM)
+    assert result.trusted and judge(result, PROBLEM, rocq).solved
+    assert sorted(r[0] for r in runs) == ["coqc", "coqc", "coqchk"]
+    assert all(r[1].parent == episode and r[2] == rocq.memory_mb for r in runs)
+    compile_dir = next(r[1] for r in runs if r[0] == "coqc" and any(p.name == "FdAttempt.v" for p in r[3]))
+    assert {r[1] for r in runs} - {compile_dir}  # the compiled file is checked in a folder of its own
+    assert list(episode.iterdir()) == []
