@@ -388,3 +388,56 @@ def test_episodes_carry_a_fresh_id_and_the_weights_version_that_generated_them(q
     ids = [e.episode_id for e in episodes]
     assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
     assert [e.policy_version for e in episodes] == [3, 3, 3]
+
+
+def test_a_crashed_episode_gets_no_feedback_and_a_failing_source_is_recorded(qwen_tokenizer, rocq):
+    def crash(prompt, turn):
+        raise RuntimeError("backend exploded")
+
+    rollout = make_rollout(qwen_tokenizer, rocq, crash)
+    rollout.feedback = RecordingFeedback()
+    crashed = asyncio.run(rollout.run(PROBLEM))
+    assert crashed.finish_reason == "error" and crashed.feedback is None and rollout.feedback.attempts == []
+
+    class Failing(RecordingFeedback):
+        async def feedback(self, attempt) -> str:
+            raise TimeoutError("no answer")
+
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: "done")
+    rollout.feedback = Failing()
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert episode.finish_reason == "no_tool_call" and episode.feedback is None
+    assert episode.error == "feedback failed: TimeoutError: no answer"
+
+
+def test_the_final_check_counts_in_the_check_time(qwen_tokenizer, rocq):
+    """Stopping with a file written after its last check: the env's final check is timed with the others;
+    stopping with nothing unchecked adds nothing."""
+    wrong, good = rocq.render(PROBLEM, "  lia."), rocq.render(PROBLEM)
+    checked = call("rocq_write_file", path="Main.v", content=wrong) + call("rocq_check_file", path="Main.v")
+    checks = []
+    real_check = rocq.check
+    rocq.check = lambda *a, **kw: checks.append(real_check(*a, **kw)) or checks[-1]
+    try:
+        turns = [checked, call("rocq_write_file", path="Main.v", content=good), "Done."]
+        episode = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: turns[t - 1]).run(PROBLEM))
+        assert episode.finish_reason == "solved" and len(checks) == 2  # the second: the final check
+        assert episode.timings["check_s"] == pytest.approx(sum(c.elapsed_s for c in checks))
+        assert episode.timings["check_s"] > checks[0].elapsed_s
+        checks.clear()
+        turns = [checked, "Done."]
+        episode = asyncio.run(make_rollout(qwen_tokenizer, rocq, lambda p, t: turns[t - 1]).run(PROBLEM))
+        assert episode.finish_reason == "no_tool_call" and len(checks) == 1
+        assert episode.timings["check_s"] == pytest.approx(checks[0].elapsed_s)
+    finally:
+        del rocq.check
+
+
+def test_the_configured_check_timeout_reaches_the_prover(qwen_tokenizer, rocq):
+    loop = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
+    turns = [call("rocq_write_file", path="Main.v", content=loop) + call("rocq_check_file", path="Main.v"), "Done."]
+    rollout = make_rollout(qwen_tokenizer, rocq, lambda p, t: turns[t - 1], check_timeout_s=2)
+    start = time.monotonic()
+    episode = asyncio.run(rollout.run(PROBLEM))
+    assert rocq.timeout_s > 20 and time.monotonic() - start < 15  # the config's 2 s, not the prover's own
+    assert episode.tool_calls[1].verdict["reason"] == "timeout"
