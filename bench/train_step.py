@@ -127,10 +127,10 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
             times.append(time.perf_counter() - start)
     if args.profile:
         distributed.barrier()
-        path = profile_step(step, device, Path(args.profile), f"{algorithm}-{args.shape}-rank{distributed.rank()}")
+        path, trace = profile_step(step, device, Path(args.profile),
+                                   f"{algorithm}-{args.shape}-rank{distributed.rank()}")
         if distributed.is_main():
-            with gzip.open(path, "rt") as f:
-                print(f"{algorithm} profile (rank 0, trace {path}):\n{summarize_trace(json.load(f))}", flush=True)
+            print(f"{algorithm} profile (rank 0, trace {path}):\n{summarize_trace(trace)}", flush=True)
     world = distributed.world_size()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     parts = distributed.gather([statistics.median(times), peak])  # every rank's, on rank 0; elsewhere none
@@ -147,8 +147,8 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
 PHASES = ("step.scoring", "step.forward", "step.head", "step.backward")
 
 
-def profile_step(step, device: torch.device, out: Path, label: str) -> Path:
-    """One step under the profiler; its Chrome trace written gzipped to `out`, returned."""
+def profile_step(step, device: torch.device, out: Path, label: str) -> tuple[Path, dict]:
+    """One step under the profiler: where its Chrome trace went (gzipped, in `out`), and the trace."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -161,11 +161,11 @@ def profile_step(step, device: torch.device, out: Path, label: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     raw = out / f"{label}.json"
     prof.export_chrome_trace(str(raw))
-    path = out / f"{label}.json.gz"
-    with raw.open("rb") as src, gzip.open(path, "wb") as dst:
-        dst.write(src.read())
+    data = raw.read_bytes()
     raw.unlink()
-    return path
+    path = out / f"{label}.json.gz"
+    path.write_bytes(gzip.compress(data))
+    return path, json.loads(data)
 
 
 def _union_us(spans: list[tuple[float, float]]) -> float:
