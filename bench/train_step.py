@@ -5,6 +5,7 @@ time, tokens/s, MFU and peak memory; with `--nproc N`, the same under torchrun w
     python bench/train_step.py --shape 8b --algorithm fd
     python bench/train_step.py --shape 1.7b --algorithm fd --nproc 2   # 1 GPU, then 2 (weak scaling)
     python bench/train_step.py --shape 1.7b --head               # also the LM head alone (bench/fd_loss.py)
+    python bench/train_step.py --shape 1.7b --layers eager fused # fused layers against transformers' own
     python bench/train_step.py --shape tiny                      # a 2-layer model: runs on a CPU
 
 Each step: `--seqs` sequences of `--seq-len` tokens per rank, the last `--trained` of them
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer import distributed  # noqa: E402
 from trainer.algorithms import checkpoint_activations, fd_backward, grpo_backward  # noqa: E402
 from trainer.batches import TrainSequence  # noqa: E402
+from trainer.fused_layers import fuse_layers  # noqa: E402
 
 SHAPES = {  # Qwen3's published configurations; tiny is a CPU-sized stand-in
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -81,10 +83,12 @@ def sequences(args: argparse.Namespace, vocab: int, seed: int) -> list[TrainSequ
     return out
 
 
-def step_fn(args: argparse.Namespace, algorithm: str, device: torch.device, seed: int):
+def step_fn(args: argparse.Namespace, algorithm: str, layers: str, device: torch.device, seed: int):
     """The models, this rank's sequences, and one step as a function returning (student, other) token counts."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student = build(args.shape, device, dtype, seed=0)
+    if layers == "fused":
+        fuse_layers(student)  # as the trainer does (fused_layers=true)
     n_params = sum(p.numel() for p in student.parameters())
     other = copy.deepcopy(student).eval().requires_grad_(False)  # FD's teacher, GRPO's reference
     student.train()
@@ -109,10 +113,11 @@ def step_fn(args: argparse.Namespace, algorithm: str, device: torch.device, seed
     return step, n_params, student_tokens, other_tokens
 
 
-def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> dict[str, float]:
+def measure(args: argparse.Namespace, algorithm: str, layers: str, device: torch.device) -> dict[str, float]:
     """One algorithm's row over all ranks, on rank 0 (elsewhere empty): the slowest rank's median step time,
     tokens, MFU, the highest peak memory."""
-    step, n_params, student_tokens, other_tokens = step_fn(args, algorithm, device, seed=1 + distributed.rank())
+    step, n_params, student_tokens, other_tokens = step_fn(args, algorithm, layers, device,
+                                                           seed=1 + distributed.rank())
     times = []
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
@@ -128,7 +133,7 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
     if args.profile:
         distributed.barrier()
         path, trace = profile_step(step, device, Path(args.profile),
-                                   f"{algorithm}-{args.shape}-rank{distributed.rank()}")
+                                   f"{algorithm}-{args.shape}-{layers}-rank{distributed.rank()}")
         if distributed.is_main():
             print(f"{algorithm} profile (rank 0, trace {path}):\n{summarize_trace(trace)}", flush=True)
     world = distributed.world_size()
@@ -139,7 +144,7 @@ def measure(args: argparse.Namespace, algorithm: str, device: torch.device) -> d
     seconds, peak = max(p[0] for p in parts), max(p[1] for p in parts)
     tokens = student_tokens * world
     flops = (6 * student_tokens + 2 * other_tokens) * n_params * world
-    return {"algorithm": algorithm, "ranks": world, "params": n_params, "tokens": tokens,
+    return {"algorithm": algorithm, "layers": layers, "ranks": world, "params": n_params, "tokens": tokens,
             "other_tokens": other_tokens * world, "seconds": seconds, "tokens_per_s_per_gpu": tokens / seconds / world,
             "mfu": flops / seconds / (world * args.peak_tflops * 1e12), "peak_gib": peak}
 
@@ -214,9 +219,19 @@ def summarize_trace(trace: dict, top: int = 12) -> str:
 def print_row(row: dict[str, float], args: argparse.Namespace) -> None:
     print(f"{row['algorithm']:4s} {args.shape} ranks={row['ranks']} N={row['params'] / 1e6:,.1f}M "
           f"tokens={row['tokens']} (+{row['other_tokens']} teacher/reference) "
-          f"checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}: "
+          f"layers={row['layers']} checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}: "
           f"{row['seconds']:.3f} s, {row['tokens_per_s_per_gpu']:,.0f} tok/s per GPU, "
           f"MFU {100 * row['mfu']:.1f}%, peak {row['peak_gib']:.2f} GiB", flush=True)
+
+
+def print_speedups(rows: list[dict]) -> None:
+    """fused / eager step time, per algorithm, where both ran."""
+    by = {(row["algorithm"], row["layers"]): row for row in rows}
+    for (algorithm, layers), row in by.items():
+        if layers == "fused" and (algorithm, "eager") in by:
+            eager = by[algorithm, "eager"]
+            print(f"{algorithm:4s} fused layers: {eager['seconds'] / row['seconds']:.2f}x eager's speed, "
+                  f"MFU {100 * eager['mfu']:.1f}% -> {100 * row['mfu']:.1f}%", flush=True)
 
 
 def run_here(args: argparse.Namespace) -> None:
@@ -224,13 +239,17 @@ def run_here(args: argparse.Namespace) -> None:
     device = distributed.setup(args.device)
     rows = []
     try:
-        for algorithm in args.algorithm:
-            row = measure(args, algorithm, device)
-            if distributed.is_main():
-                rows.append(row)
-                print_row(row, args)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # eager first: fusing replaces the rotary embedding of the model family for the whole process
+        for layers in sorted(set(args.layers)):
+            for algorithm in args.algorithm:
+                row = measure(args, algorithm, layers, device)
+                if distributed.is_main():
+                    rows.append(row)
+                    print_row(row, args)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if distributed.is_main():
+            print_speedups(rows)
         if args.report and distributed.is_main():
             Path(args.report).write_text(json.dumps(rows))
     finally:
@@ -248,10 +267,10 @@ def run_scaling(args: argparse.Namespace, argv: list[str]) -> None:
             report = Path(tmp) / f"{n}.json"
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                             script, *rest, "--report", str(report)], check=True)
-            results[n] = {row["algorithm"]: row for row in json.loads(report.read_text())}
-    for algorithm, one in results[1].items():
-        many = results[args.nproc][algorithm]
-        print(f"{algorithm:4s} weak scaling 1 -> {args.nproc}: {one['tokens_per_s_per_gpu']:,.0f} -> "
+            results[n] = {(row["algorithm"], row["layers"]): row for row in json.loads(report.read_text())}
+    for key, one in results[1].items():
+        many, (algorithm, layers) = results[args.nproc][key], key
+        print(f"{algorithm:4s} layers={layers} weak scaling 1 -> {args.nproc}: {one['tokens_per_s_per_gpu']:,.0f} -> "
               f"{many['tokens_per_s_per_gpu']:,.0f} tok/s per GPU: "
               f"{100 * many['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.0f}%", flush=True)
 
@@ -269,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="LM head rows per chunk")
     parser.add_argument("--checkpointing", choices=["full", "selective", "none"], default="full",
                         help="full: as the trainer does by default (measured faster than selective on an H200)")
+    parser.add_argument("--layers", nargs="+", choices=["eager", "fused"], default=["fused"],
+                        help="fused: norms, rotary embedding and SwiGLU compiled, as the trainer runs them on CUDA "
+                        "(trainer/fused_layers.py); eager: transformers' modules; both: their speed ratio")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=790.0)

@@ -41,14 +41,12 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if query.shape[0] != 1 or sum(seq_lens) != query.shape[2]:
         raise ValueError(f"a packed row of {query.shape[2]} tokens does not hold sequences of lengths {seq_lens}")
     gqa = query.shape[1] != key.shape[1]
-    outs, start = [], 0
-    for n in seq_lens:
-        sl = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(query[:, :, sl], key[:, :, sl], value[:, :, sl], is_causal=True,
-                                                   dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
-                                                   enable_gqa=gqa))
-        start += n
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    # split, not slices: its backward is one concatenation per tensor, where each slice's backward
+    # would write a zero-filled gradient of the whole row, all of them then summed
+    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=kwargs.get("dropout", 0.0),
+                                           scale=kwargs.get("scaling"), enable_gqa=gqa).transpose(1, 2)
+            for q, k, v in zip(*(t.split(seq_lens, dim=2) for t in (query, key, value)), strict=True)]
+    return torch.cat(outs, dim=1), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)

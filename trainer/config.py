@@ -82,6 +82,8 @@ class TrainConfig:
     checkpoint_mode: Literal["full", "selective"] = _f(
         "full", "with gradient checkpointing: recompute each layer (full, least memory) or keep the matmul and "
         "attention outputs and recompute only elementwise ops (selective, almost no extra FLOPs)")
+    fused_layers: bool = _f(True, "on CUDA, run the norms, rotary embedding and SwiGLU of Llama-family models as "
+                                  "compiled fused kernels (the same math; trainer/fused_layers.py)")
     logit_chunk: int = _f(1024, "token positions per chunk when computing vocabulary logits")
     # evaluation, logging, checkpoints
     eval_problems: str = _f("", "evaluation problems (JSONL); empty: no periodic evaluation")

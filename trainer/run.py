@@ -56,6 +56,7 @@ from trainer.checkpoint import (
     truncate_log,
 )
 from trainer.config import ConfigError, TrainConfig, help_text, load_config
+from trainer.fused_layers import fuse_layers
 from trainer.losses import group_advantages
 from trainer.metrics import DistinctTracker, MetricsLogger, rollout_metrics
 from trainer.teacher import EmaTeacher
@@ -95,6 +96,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.policy = load_model(cfg.model, dtype=dtype, device=str(self.device), seed=cfg.seed)
+        if cfg.fused_layers:  # before the copies below (teacher, reference, backend): they inherit it
+            fuse_layers(self.policy)
         if cfg.gradient_checkpointing:
             checkpoint_activations(self.policy, cfg.checkpoint_mode)
         self.policy.config.use_cache = False

@@ -23,7 +23,7 @@ def test_profile_shows_every_phase_of_a_real_step(tmp_path):
         report = out.stdout.split(f"{algorithm} profile")[1]
         for phase in PHASES:  # each phase ran and took time
             assert float(re.search(rf"{phase}\s+host\s+([\d,.]+) ms", report)[1].replace(",", "")) > 0
-        with gzip.open(tmp_path / f"{algorithm}-tiny-rank0.json.gz", "rt") as f:
+        with gzip.open(tmp_path / f"{algorithm}-tiny-fused-rank0.json.gz", "rt") as f:
             names = {e["name"] for e in json.load(f)["traceEvents"]}
         assert set(PHASES) <= names
 
