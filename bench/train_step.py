@@ -72,14 +72,15 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> to
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def sequences(args: argparse.Namespace, vocab: int, seed: int) -> list[TrainSequence]:
+def sequences(args: argparse.Namespace, vocab: int, seed: int, *, teacher: bool) -> list[TrainSequence]:
     g = torch.Generator().manual_seed(seed)
     prompt = args.seq_len - args.trained
     out = []
     for i in range(args.seqs):
         ids = torch.randint(3, vocab, (args.seq_len,), generator=g).tolist()
-        teacher = torch.randint(3, vocab, (prompt + args.feedback,), generator=g).tolist()
-        out.append(TrainSequence(ids, prompt, [0] * prompt + [1] * args.trained, teacher, 1.0 if i % 2 else -1.0))
+        teacher_ids = torch.randint(3, vocab, (prompt + args.feedback,), generator=g).tolist()
+        out.append(TrainSequence(ids, prompt, [0] * prompt + [1] * args.trained, teacher_ids if teacher else None,
+                                 1.0 if i % 2 else -1.0))
     return out
 
 
@@ -96,7 +97,7 @@ def step_fn(args: argparse.Namespace, algorithm: str, layers: str, device: torch
         checkpoint_activations(student, args.checkpointing)
     distributed.shard(student)
     distributed.shard(other)
-    seqs = sequences(args, student.config.vocab_size, seed)
+    seqs = sequences(args, student.config.vocab_size, seed, teacher=algorithm == "fd")  # GRPO's have no teacher
     student_tokens = sum(len(s.input_ids) for s in seqs)
     other_tokens = sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in seqs) if algorithm == "fd" \
         else student_tokens
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--trained", type=int, default=1536, help="trained (generated) tokens per sequence")
     parser.add_argument("--feedback", type=int, default=64, help="FD: tokens the teacher's prompt adds")
-    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument("--micro-batch-tokens", type=int,
+                        help="default: one micro-batch holds all of a rank's sequences (FD's teacher prompts included)")
     parser.add_argument("--chunk", type=int, default=1024, help="LM head rows per chunk")
     parser.add_argument("--checkpointing", choices=["full", "selective", "none"], default="full",
                         help="full: as the trainer does by default (measured faster than selective on an H200)")
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.trained >= args.seq_len:
         parser.error("--trained must be below --seq-len (a prompt is needed)")
+    if args.micro_batch_tokens is None:
+        args.micro_batch_tokens = args.seqs * (args.seq_len + args.feedback)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the two runs go to child processes
         run_scaling(args, argv)
         return

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -49,3 +51,19 @@ def test_trace_summary_counts_overlapping_kernels_once():
     assert gemm.groups() == ("0.3", "75.0", "2") and softmax.groups() == ("0.1", "25.0", "1")
     assert text.index("gemm") < text.index("softmax")
     assert summarize_trace({"traceEvents": []}) == "the trace holds no timed events"
+
+
+def test_eager_and_fused_layers_in_one_run_with_one_micro_batch_by_default(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--shape", "tiny", "--seq-len", "64",
+                          "--trained", "48", "--seqs", "3", "--feedback", "5", "--warmup", "0", "--steps", "1",
+                          "--algorithm", "grpo", "fd", "--layers", "fused", "eager"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = re.findall(r"^(fd|grpo)\s+tiny .* layers=(\w+) .* micro_batch_tokens=(\d+): ([\d.]+) s", out.stdout, re.M)
+    # eager first (fusing replaces the family's rotary embedding for the process), all sequences in one micro-batch
+    assert [r[:3] for r in rows] == [("grpo", "eager", "207"), ("fd", "eager", "207"), ("grpo", "fused", "207"),
+                                     ("fd", "fused", "207")]
+    seconds = {(a, layers): float(s) for a, layers, _, s in rows}
+    for algorithm in ("fd", "grpo"):
+        ratio = float(re.search(rf"^{algorithm}\s+fused layers: ([\d.]+)x eager's speed", out.stdout, re.M)[1])
+        assert ratio == pytest.approx(seconds[algorithm, "eager"] / seconds[algorithm, "fused"], rel=0.03, abs=0.01)
