@@ -33,13 +33,15 @@ MODULES = {
     "trainer/losses.py": ["tests/trainer/test_losses.py"],
     "trainer/batches.py": ["tests/trainer/test_batches.py"],
     "trainer/algorithms.py": ["tests/trainer/test_batches.py"],
+    "trainer/attention.py": ["tests/trainer/test_batches.py"],
+    "trainer/fused_layers.py": ["tests/trainer/test_fused_layers.py"],
     "agent/rollout.py": ["tests/agent/test_rollout.py", "tests/agent/test_rollout_cli.py",
                          "tests/env/test_lean_unavailable.py"],
     "env/provers/rocq.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
     "env/provers/rocq_trusted.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
 FAST = ["env/verdict.py", "agent/episode.py", "env/provers/rocq_text.py", "trainer/losses.py",
-        "trainer/batches.py", "trainer/algorithms.py"]
+        "trainer/batches.py", "trainer/algorithms.py", "trainer/attention.py", "trainer/fused_layers.py"]
 
 
 def main() -> int:
