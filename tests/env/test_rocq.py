@@ -209,6 +209,33 @@ def test_coq_installed_outside_usr_runs_in_the_jail(monkeypatch, tmp_path):
         rocq_install.coq_install.cache_clear()
 
 
+def test_a_library_on_coqpath_reaches_every_process_of_the_check(monkeypatch, tmp_path):
+    """A problem that needs a library found through COQPATH (an opam package, say) is solved only if the
+    feedback check, the trusted re-compile, the statement check and coqchk all get Coq's variables."""
+    from env.provers import rocq_install
+
+    lib = tmp_path / "contrib" / "FdExtra"
+    lib.mkdir(parents=True)
+    (lib / "Extra.v").write_text("Definition fd_extra := 3.\n")
+    subprocess.run(["coqc", "-q", "-Q", str(lib), "FdExtra", str(lib / "Extra.v")], check=True, cwd=tmp_path)
+    monkeypatch.setenv("COQPATH", str(tmp_path / "contrib"))
+    problem = Problem(name="fd_extra_is_three", prover="rocq", header="From FdExtra Require Import Extra.\n",
+                      formal_statement="Theorem fd_extra_is_three : fd_extra = 3.\nProof.",
+                      formal_proof="\n  reflexivity.\nQed.")
+    rocq_install.coq_install.cache_clear()
+    try:
+        assert "COQPATH" in rocq_install.coq_install().environment()
+        prover = RocqProver(timeout_s=30, memory_mb=2048)
+        try:
+            result = check(prover, prover.render(problem), problem=problem)[1]
+            assert result.solved, result.raw_output
+            assert not check(prover, prover.render(problem, "\n  Admitted."), problem=problem)[1].solved
+        finally:
+            prover.close()
+    finally:
+        rocq_install.coq_install.cache_clear()
+
+
 def test_search_finds_stdlib_lemmas(rocq):
     hits = rocq.search(r"Lemma Rplus_comm\b")
     assert any(h.path.endswith("Raxioms.v") and "Rplus_comm" in h.text for h in hits)
