@@ -33,7 +33,7 @@ MODULES = {
     "trainer/losses.py": ["tests/trainer/test_losses.py"],
     "trainer/batches.py": ["tests/trainer/test_batches.py"],
     "trainer/algorithms.py": ["tests/trainer/test_batches.py"],
-    "trainer/attention.py": ["tests/trainer/test_batches.py"],
+    "trainer/attention.py": ["tests/trainer/test_attention.py", "tests/trainer/test_batches.py"],
     "trainer/fused_layers.py": ["tests/trainer/test_fused_layers.py"],
     "agent/rollout.py": ["tests/agent/test_rollout.py", "tests/agent/test_rollout_cli.py",
                          "tests/env/test_lean_unavailable.py"],
