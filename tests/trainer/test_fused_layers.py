@@ -26,6 +26,14 @@ def original_rotary(family):
     return getattr(rope, "original", rope)
 
 
+@pytest.fixture(autouse=True)
+def unfused_families(monkeypatch):
+    """Each test starts with transformers' own rotary embedding (fusing replaces it for the process) and
+    leaves it so."""
+    for family in FAMILIES:
+        monkeypatch.setattr(modeling(family), "apply_rotary_pos_emb", original_rotary(family))
+
+
 @pytest.fixture
 def compiled_off_cuda(monkeypatch):
     """Run the compiled path on this CPU, as CUDA would."""
@@ -95,6 +103,26 @@ def test_off_cuda_the_modules_run_their_own_code(tiny_model, monkeypatch):
     want = model(input_ids=ids).logits
     fuse_layers(model)
     assert torch.equal(model(input_ids=ids).logits, want) and compiled == []
+
+
+def test_where_it_compiles_every_layer_runs_the_compiled_functions(tiny_model, compiled_off_cuda, monkeypatch):
+    """Each norm, rotary embedding and MLP of a forward pass goes through its compiled function (counted
+    here in place of compiling: the compiled code is checked in the tests below)."""
+    calls = {}
+
+    def counting(fn, **kwargs):
+        def run(*args):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(fused_layers, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", counting)
+    model = copy.deepcopy(tiny_model).eval()
+    fuse_layers(model)
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    layers = model.config.num_hidden_layers
+    assert calls == {"rms_norm": 4 * layers + 1, "rotary": layers, "swiglu": layers}
 
 
 def test_a_copy_of_a_fused_model_is_fused_with_its_own_weights(tiny_model, compiled_off_cuda):
