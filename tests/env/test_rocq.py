@@ -236,6 +236,33 @@ def test_a_library_on_coqpath_reaches_every_process_of_the_check(monkeypatch, tm
         rocq_install.coq_install.cache_clear()
 
 
+def test_a_cold_compile_failure_reports_coqs_own_error_and_the_checks_time(rocq):
+    """The trusted re-check called on its own with a file that does not compile: Coq's message at the
+    failing line (not only ours), and an elapsed time within the call's."""
+    with EpisodeDir() as d:
+        start = time.monotonic()
+        trusted = rocq.trusted_check(WRONG_TACTIC, d.root, problem=PROBLEM, timeout_s=30)
+        wall = time.monotonic() - start
+    assert trusted.status == "error" and trusted.detail == "the file does not compile with coqc"
+    errors = [m for m in trusted.messages if m.severity == "error"]
+    lia_line = WRONG_TACTIC.splitlines().index("  lia.") + 1
+    assert errors and errors[0].line == lia_line and "compiling the file" not in errors[0].text
+    assert 0 < trusted.elapsed_s <= wall
+
+
+@pytest.mark.parametrize("jail", [True, False])
+def test_the_trusted_re_check_runs_jailed_as_configured(jail):
+    if jail and not jail_available():
+        pytest.skip("needs bubblewrap: apt-get install bubblewrap")
+    prover = RocqProver(timeout_s=30, memory_mb=2048, jail=jail, workers=1)
+    try:
+        with EpisodeDir() as d:
+            trusted = prover.trusted_check(prover.render(PROBLEM), d.root, problem=PROBLEM, timeout_s=30)
+        assert trusted.status == "ok" and trusted.statement.matches and trusted.jailed is jail
+    finally:
+        prover.close()
+
+
 def test_search_finds_stdlib_lemmas(rocq):
     hits = rocq.search(r"Lemma Rplus_comm\b")
     assert any(h.path.endswith("Raxioms.v") and "Rplus_comm" in h.text for h in hits)
