@@ -246,8 +246,16 @@ def test_a_cold_compile_failure_reports_coqs_own_error_and_the_checks_time(rocq)
     assert trusted.status == "error" and trusted.detail == "the file does not compile with coqc"
     errors = [m for m in trusted.messages if m.severity == "error"]
     lia_line = WRONG_TACTIC.splitlines().index("  lia.") + 1
-    assert errors and errors[0].line == lia_line and "compiling the file" not in errors[0].text
+    assert len(errors) == 1 and errors[0].line == lia_line and "compiling the file" not in errors[0].text
     assert 0 < trusted.elapsed_s <= wall
+
+
+def test_a_cold_compile_that_runs_out_of_time_says_so(rocq):
+    source = HEADER + "Goal True. repeat (assert True by exact I). exact I. Qed.\n" + rocq.render(PROBLEM)
+    with EpisodeDir() as d:
+        trusted = rocq.trusted_check(source, d.root, problem=PROBLEM, timeout_s=2)
+    assert trusted.status == "timeout" and [m.severity for m in trusted.messages] == ["error"]
+    assert trusted.messages[0].text.startswith("compiling the file did not finish within its time limit")
 
 
 @pytest.mark.parametrize("jail", [True, False])
