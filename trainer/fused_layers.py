@@ -109,10 +109,14 @@ def _family_module(module: torch.nn.Module) -> types.ModuleType | None:
 def fuse_layers(model: torch.nn.Module) -> int:
     """Fuse the norms, gated MLPs and rotary embedding of `model` (idempotent); returns how many modules
     were changed. Models of other families are left as they are (0)."""
-    changed = 0
+    changed, families = 0, set()
     for module in model.modules():
+        modeling = _family_module(module)
+        if modeling is None:
+            continue
+        families.add(modeling)
         cls = type(module).__name__
-        if "forward" in vars(module) or _family_module(module) is None:
+        if "forward" in vars(module):
             continue
         if cls in _NORMS:
             module.forward = types.MethodType(_norm_forward, module)
@@ -121,8 +125,7 @@ def fuse_layers(model: torch.nn.Module) -> int:
         else:
             continue
         changed += 1
-    for module in model.modules():
-        modeling = _family_module(module)
+    for modeling in families:
         rope = getattr(modeling, "apply_rotary_pos_emb", None)
         # Another signature is another function: left as it is.
         if rope is not None and not hasattr(rope, "original") and \
