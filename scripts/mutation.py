@@ -39,6 +39,7 @@ MODULES = {
                          "tests/env/test_lean_unavailable.py"],
     "env/provers/rocq.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
     "env/provers/rocq_trusted.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
+    "env/provers/rocq_worker.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
 FAST = ["env/verdict.py", "agent/episode.py", "env/provers/rocq_text.py", "trainer/losses.py",
         "trainer/batches.py", "trainer/algorithms.py", "trainer/attention.py", "trainer/fused_layers.py"]

@@ -40,15 +40,18 @@ def test_trace_summary_counts_overlapping_kernels_once():
         {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 100, "dur": 200},
         {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 150, "dur": 100},  # inside the first: another stream
         {"ph": "X", "cat": "kernel", "name": "softmax", "ts": 700, "dur": 100},
+        # communication: 100 us under the first gemm, 100 us alone
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllGather_RING_LL", "ts": 200, "dur": 200},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000},
         {"ph": "i", "name": "marker", "ts": 5000},  # not a timed event
     ]}
     text = summarize_trace(trace)
     assert "1.0 ms from first to last event" in text
     assert re.search(r"step.forward\s+host\s+0.5 ms, GPU span 0.5 ms", text)
-    assert "GPU busy 0.3 ms of 1.0 ms (30%)" in text
+    assert "GPU busy 0.4 ms of 1.0 ms (40%)" in text
+    assert "communication kernels 0.2 ms, 0.1 ms of it with no other kernel running" in text
     gemm, softmax = (re.search(rf"([\d.]+) ms\s+([\d.]+)% x(\d+)\s+{name}", text) for name in ("gemm", "softmax"))
-    assert gemm.groups() == ("0.3", "75.0", "2") and softmax.groups() == ("0.1", "25.0", "1")
+    assert gemm.groups() == ("0.3", "50.0", "2") and softmax.groups() == ("0.1", "16.7", "1")
     assert text.index("gemm") < text.index("softmax")
     assert summarize_trace({"traceEvents": []}) == "the trace holds no timed events"
 
