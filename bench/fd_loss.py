@@ -11,8 +11,6 @@ states (top 25 of the full softmax), then the student loss, forward and backward
             teacher logits recomputed inside; same matmuls, not the same loss), when installed
 Prints the best time over `--repeats` (after one warm-up run, which also compiles) and the
 peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours.
-Then the teacher's top k of one chunk of logits, torch's one-stage `topk` against ours
-(`trainer.lm_head.topk`, in segments), best time of each.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.lm_head import topk  # noqa: E402
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
 
 K = 25
@@ -98,25 +95,6 @@ def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: tor
     return rows
 
 
-def topk_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best seconds of torch's one-stage top k and of ours over one [rows, vocab] chunk of logits."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    z = torch.randn(rows, vocab, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
-    times = {}
-    for name, fn in (("torch", lambda: z.topk(K, dim=-1)), ("ours", lambda: topk(z, K))):
-        best = float("inf")
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
-    return times
-
-
 def print_rows(rows: dict[str, tuple[float, float]], label: str) -> None:
     base_t, base_m = rows["ours"]
     for name, (t, m) in rows.items():
@@ -136,9 +114,6 @@ def main() -> None:
     device = torch.device(args.device)
     rows = head_rows(args.tokens, args.vocab, args.hidden, args.chunk, device, args.repeats)
     print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={args.chunk} {device}")
-    times = topk_times(args.chunk, args.vocab, device, args.repeats)
-    print(f"top {K} of [{args.chunk}, {args.vocab}] logits: torch {1000 * times['torch']:.3f} ms, ours "
-          f"{1000 * times['ours']:.3f} ms ({times['torch'] / times['ours']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,12 +64,22 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 
 
 _compiled: dict[str, Callable] = {}
 
+# Dynamic shapes give one graph for every length, but torch.compile keeps the shapes of
+# parameters static and compiles again for each grad mode, inputs with or without
+# requires_grad and inference tensors: a Qwen3 norm sees two weight shapes (the hidden
+# size and q/k's head dim) in the policy's training passes, the teacher's and reference's
+# no-grad passes, evaluation and generation. Past torch's default of 8 graphs per function
+# it would run the function uncompiled for every new case, silently.
+RECOMPILE_LIMIT = 64
+
 
 def _fused(fn: Callable, x: Tensor) -> Callable | None:
     """`fn` compiled (dynamic shapes: one graph for every length) where `x` lives on CUDA, else None."""
     if not (x.is_cuda or compile_off_cuda):
         return None
     if fn.__name__ not in _compiled:
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
     return _compiled[fn.__name__]
 

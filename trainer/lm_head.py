@@ -52,32 +52,6 @@ def logits(hidden: Tensor, weight: Tensor) -> Tensor:
 # ---------------------------------------------------------------- row math on one chunk of logits
 
 
-def _segments(vocab: int, k: int) -> int:
-    """How many equal segments `topk` splits a row of `vocab` logits into: the most of 128, 64, 32 or
-    16 that divide it into segments of at least 4k entries; 1 (no split) for short rows."""
-    return next((n for n in (128, 64, 32, 16) if vocab % n == 0 and vocab // n >= 4 * k), 1)
-
-
-def topk(z: Tensor, k: int, *, split: bool | None = None) -> tuple[Tensor, Tensor]:
-    """`z.topk(k, dim=-1)` for [c, V] logits: the k largest per row, in decreasing order, and their ids.
-
-    A row of 151,936 logits is long for torch's top-k on CUDA (a multi-pass radix select over
-    the whole row: about 1 ms per 1,024 rows on an H200), so there (`split`, default: on CUDA)
-    long rows are cut into segments: each segment's top k, then the top k of those candidates.
-    Exact: a row's top k lie within its segments' top k. Of equal values, which ones fill the
-    last places may differ from a one-stage top-k; both are top k. (On a CPU torch's top-k of
-    many short rows is the slower one: 10x for 128 segments.)
-    """
-    c, v = z.shape
-    n = _segments(v, k) if (z.is_cuda if split is None else split) else 1
-    if n == 1:
-        return z.topk(k, dim=-1)
-    part_z, part_ids = z.reshape(c, n, v // n).topk(k, dim=-1)  # [c, n, k], ids within the segment
-    part_ids += torch.arange(0, v, v // n, device=z.device)[:, None]
-    top_z, where = part_z.reshape(c, n * k).topk(k, dim=-1)
-    return top_z, part_ids.reshape(c, n * k).gather(1, where)
-
-
 def upcast(z: Tensor) -> Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))
 

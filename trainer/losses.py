@@ -30,7 +30,6 @@ from trainer.lm_head import (
     logsumexp,
     scaled_softmax,
     softmax_stats,
-    topk,
     upcast,
 )
 
@@ -113,7 +112,7 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
     ids, probs = [], []
     for sl in chunks(hidden.shape[0], chunk):
         z = logits(hidden[sl], weight)
-        top_z, top_ids = topk(z, k)
+        top_z, top_ids = z.topk(k, dim=-1)
         ids.append(top_ids)
         probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - logsumexp(z)[:, None]))
     return torch.cat(ids), torch.cat(probs)

@@ -200,3 +200,33 @@ def test_the_trainer_fuses_its_models_when_configured(tmp_path, fused):
             assert norms and all(("forward" in vars(m)) == fused for m in norms)
     finally:
         trainer.close()
+
+
+def test_every_pass_of_a_run_stays_compiled(tiny_model, compiled_off_cuda, monkeypatch):
+    """The policy's checkpointed FD and GRPO passes, the teacher's no-grad passes, an evaluation under no_grad
+    and generation under inference_mode each need their own graphs (and the norms one per weight shape):
+    more than torch's default of 8 per function, past which it runs the function uncompiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from tests.trainer.test_batches import random_sequences, student_and_teacher
+    from trainer.algorithms import checkpoint_activations, fd_backward, grpo_backward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default
+    monkeypatch.setattr(fused_layers, "_compiled", {})
+    student, teacher = (m.float() for m in student_and_teacher(tiny_model))
+    teacher.requires_grad_(False)  # as the trainer holds its teacher and reference
+    fuse_layers(student)
+    fuse_layers(teacher)
+    checkpoint_activations(student, "full")
+    sequences = random_sequences(student.config.vocab_size)
+    common = dict(token_budget=40, chunk=7, pad_id=0)
+    fd_backward(student, teacher, sequences, top_k=4, renormalize=False, **common)
+    grpo_backward(student, teacher, sequences, clip_eps=0.2, kl_coef=0.01, **common)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        student.eval()(input_ids=ids)
+    with torch.inference_mode():
+        student(input_ids=ids)
+    graphs = {fn.__name__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in (rms_norm, rotary, swiglu)}
+    assert graphs["rms_norm"] > 8 and all(1 <= n < torch._dynamo.config.recompile_limit for n in graphs.values())

@@ -115,23 +115,34 @@ def test_transformers_backend_on_gpu(tiny_model, qwen_tokenizer):
 
 
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
-def test_fused_layers_on_gpu_match_eager(tiny_model, algorithm):
-    """The norms, rotary embedding and SwiGLU as compiled Triton kernels (trainer.fused_layers), bf16 on CUDA,
-    against the same step with transformers' modules, float64 on the CPU."""
+def test_fused_layers_on_gpu_are_as_accurate_as_eager(algorithm, monkeypatch):
+    """The norms, rotary embedding and SwiGLU as compiled Triton kernels (trainer.fused_layers) and as
+    transformers' modules, both bf16 on CUDA, against float64 on the CPU: the fused step's loss and gradient
+    are no further from float64 than the eager step's. (bf16 alone puts FD's small gradients on this model
+    about 20% from float64, so the eager step is the measure.) A 2-layer Qwen3 built from its config."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers.models.qwen3 import modeling_qwen3
+
     from trainer import fused_layers
 
-    student, teacher = student_and_teacher(tiny_model)
-    sequences = random_sequences(student.config.vocab_size)
+    rope = modeling_qwen3.apply_rotary_pos_emb  # fusing replaces it for the family: transformers' own until then
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", getattr(rope, "original", rope))
+    config = Qwen3Config(vocab_size=4096, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    student, teacher = student_and_teacher(AutoModelForCausalLM.from_config(config))
+    sequences = random_sequences(config.vocab_size)
     results = []
-    for device, dtype, fused in (("cpu", torch.float64, False), ("cuda", torch.bfloat16, True)):
+    for device, dtype, fused in (("cpu", torch.float64, False), ("cuda", torch.bfloat16, False),
+                                 ("cuda", torch.bfloat16, True)):
         s, t = copy.deepcopy(student).to(device, dtype), copy.deepcopy(teacher).to(device, dtype)
         if fused:
             assert fused_layers.fuse_layers(s) and fused_layers.fuse_layers(t)
         stats = backward(algorithm, s, t, sequences, token_budget=64, chunk=16)
-        results.append((stats["loss_sum"], [p.grad.double().cpu() for p in s.parameters() if p.grad is not None]))
-    assert set(fused_layers._compiled) == {"rms_norm", "rotary", "swiglu"}  # the CUDA run compiled them
-    (loss64, grads64), (loss16, grads16) = results
-    assert loss16 == pytest.approx(loss64, rel=3e-2, abs=1e-3)
-    num = sum(float((a - b).norm() ** 2) for a, b in zip(grads16, grads64, strict=True)) ** 0.5
-    den = sum(float(b.norm() ** 2) for b in grads64) ** 0.5
-    assert num / den < 5e-2
+        results.append((stats["loss_sum"], torch.cat([p.grad.double().cpu().flatten() for p in s.parameters()])))
+    assert {"rms_norm", "rotary", "swiglu"} <= set(fused_layers._compiled)  # the CUDA run compiled them
+    (loss64, grad64), (loss_eager, grad_eager), (loss_fused, grad_fused) = results
+    error = {"eager": float((grad_eager - grad64).norm() / grad64.norm()),
+             "fused": float((grad_fused - grad64).norm() / grad64.norm())}
+    assert error["fused"] <= 1.25 * error["eager"] + 1e-3, error
+    assert abs(loss_fused - loss64) <= 1.25 * abs(loss_eager - loss64) + 1e-3 * abs(loss64)

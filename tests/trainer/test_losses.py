@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer import lm_head, losses
+from trainer import lm_head
 from trainer.losses import (
     chunked_token_stats,
     fd_loss,
@@ -157,45 +157,6 @@ def test_teacher_topk_matches_full_softmax(chunk):
         assert ids[t].tolist() == order
         assert_close(probs[t], p[order])  # full-vocabulary probabilities, not renormalised
     assert (probs.sum(-1) < 1).all()
-
-
-@pytest.mark.parametrize("vocab, k, segments", [(151_936, 25, 128), (320, 5, 16), (640, 5, 32), (50, 5, 1),
-                                                (319, 5, 1), (1_024, 64, 1)])
-def test_topk_in_segments_equals_one_stage(vocab, k, segments):
-    """Long rows go through the two-stage top-k; the top k crowded into one segment (the first, the last)
-    or spread over many, as in a random row."""
-    assert lm_head._segments(vocab, k) == segments
-    g = torch.Generator().manual_seed(vocab)
-    z = torch.randn(6, vocab, generator=g, dtype=F64)
-    z[1, :k] += 100  # all of row 1's top k in the first segment, all of row 2's in the last
-    z[2, -k:] += 100
-    values, ids = lm_head.topk(z, k, split=True)
-    ref_values, ref_ids = z.topk(k, dim=-1)
-    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
-    assert ids[1].sort().values.tolist() == list(range(k))
-    assert ids[2].sort().values.tolist() == list(range(vocab - k, vocab))
-
-
-def test_topk_in_segments_with_ties_returns_tied_values():
-    """bf16 logits tie often: the values are the one-stage top k's, and each id holds its value."""
-    z = torch.randint(0, 40, (8, 151_936), generator=torch.Generator().manual_seed(0)).bfloat16()
-    values, ids = lm_head.topk(z, 25, split=True)
-    assert torch.equal(values, z.topk(25, dim=-1).values)
-    assert torch.equal(z.gather(1, ids), values)
-    assert all(len(set(row)) == 25 for row in ids.tolist())
-
-
-def test_teacher_topk_with_segmented_rows_matches_full_softmax(monkeypatch):
-    """As on CUDA, where the rows are split by default."""
-    calls = []
-    monkeypatch.setattr(losses, "topk", lambda z, k: calls.append(z.shape) or lm_head.topk(z, k, split=True))
-    g = torch.Generator().manual_seed(3)
-    hidden, weight = torch.randn(9, H, generator=g, dtype=F64), torch.randn(320, H, generator=g, dtype=F64)
-    ids, probs = teacher_topk(hidden, weight, k=K, chunk=4)
-    assert calls == [(4, 320), (4, 320), (1, 320)] and lm_head._segments(320, K) == 16
-    full = torch.softmax(hidden @ weight.T, -1)
-    assert torch.equal(ids, full.topk(K, dim=-1).indices)
-    assert_close(probs, full.topk(K, dim=-1).values)
 
 
 def test_teacher_topk_is_fp32_for_bf16_inputs():
