@@ -95,7 +95,7 @@ def step_fn(args: argparse.Namespace, algorithm: str, layers: str, device: torch
     student.train()
     if args.checkpointing != "none":
         checkpoint_activations(student, args.checkpointing)
-    distributed.shard(student, reshard_after_forward=args.reshard_after_forward == "true")
+    distributed.shard(student)
     distributed.shard(other)
     seqs = sequences(args, student.config.vocab_size, seed, teacher=algorithm == "fd")  # GRPO's have no teacher
     student_tokens = sum(len(s.input_ids) for s in seqs)
@@ -226,8 +226,7 @@ def summarize_trace(trace: dict, top: int = 12) -> str:
 def print_row(row: dict[str, float], args: argparse.Namespace) -> None:
     print(f"{row['algorithm']:4s} {args.shape} ranks={row['ranks']} N={row['params'] / 1e6:,.1f}M "
           f"tokens={row['tokens']} (+{row['other_tokens']} teacher/reference) "
-          f"layers={row['layers']} checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}"
-          f"{'' if row['ranks'] == 1 else f' reshard_after_forward={args.reshard_after_forward}'}: "
+          f"layers={row['layers']} checkpointing={args.checkpointing} micro_batch_tokens={args.micro_batch_tokens}: "
           f"{row['seconds']:.3f} s, {row['tokens_per_s_per_gpu']:,.0f} tok/s per GPU, "
           f"MFU {100 * row['mfu']:.1f}%, peak {row['peak_gib']:.2f} GiB", flush=True)
 
@@ -305,9 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--nproc", type=int, default=1, help="also run under torchrun with this many processes")
-    parser.add_argument("--reshard-after-forward", choices=["true", "false"], default="true",
-                        help="under torchrun: FSDP2 frees each student layer's gathered weights after its "
-                        "forward (true, the trainer's setting) or keeps them until its backward")
     parser.add_argument("--head", action="store_true", help="also the LM head alone at 8,192 tokens")
     parser.add_argument("--profile", metavar="DIR", help="also profile one step: phases, GPU busy share, top "
                         "kernels; Chrome traces to DIR")

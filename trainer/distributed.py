@@ -120,19 +120,15 @@ def gather(items: list[Any]) -> list[list[Any]]:
     return parts
 
 
-def shard(model: torch.nn.Module, *, reshard_after_forward: bool = True) -> None:
+def shard(model: torch.nn.Module) -> None:
     """Shard each decoder layer over all ranks, with the decoder as FSDP root; the embeddings,
-    final norm and LM head stay replicated. Gradients are summed, not averaged, over ranks.
-
-    `reshard_after_forward=False` keeps each layer's gathered weights from its forward to its
-    backward: one all-gather per layer and step instead of two, for a whole unsharded copy
-    of the layers in memory between the two passes."""
+    final norm and LM head stay replicated. Gradients are summed, not averaged, over ranks."""
     if world_size() == 1:
         return
     mesh = init_device_mesh(_comm_device().type, (world_size(),))
     decoder = model.get_decoder()
     for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh)
         layer.set_gradient_divide_factor(1.0)
         layer.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     replicated = {p for name, p in decoder.named_parameters() if not name.startswith("layers.")}

@@ -35,7 +35,7 @@ def models(device="cpu"):
     return student.to(device), teacher.to(device)
 
 
-def train_step(algorithm, sequences, *, token_budget, device="cpu", reshard=True):
+def train_step(algorithm, sequences, *, token_budget, device="cpu"):
     """One optimizer step as `trainer.run` takes it (under torchrun, on this rank's sequences):
     the stats, the gradient norm, the clipped full gradients and the full weights after AdamW."""
     from trainer import distributed
@@ -43,7 +43,7 @@ def train_step(algorithm, sequences, *, token_budget, device="cpu", reshard=True
     student, teacher = models(device)
     if algorithm == "grpo":  # as trainer.run does by default; FSDP recomputes the sharded layers
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    distributed.shard(student, reshard_after_forward=reshard)
+    distributed.shard(student)
     distributed.shard(teacher)
     stats = distributed.sum_stats(backward(algorithm, student, teacher, sequences, token_budget=token_budget,
                                            chunk=3))
@@ -59,13 +59,11 @@ def train_step(algorithm, sequences, *, token_budget, device="cpu", reshard=True
 two_gpus = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs")]
 
 
-@pytest.mark.parametrize("algorithm, device, reshard", [  # gloo, NCCL; layers' weights kept from forward to backward
-    ("fd", "cpu", "true"), ("grpo", "cpu", "true"), ("grpo", "cpu", "false"),
-    pytest.param("fd", "cuda", "true", marks=two_gpus), pytest.param("grpo", "cuda", "true", marks=two_gpus),
-    pytest.param("grpo", "cuda", "false", marks=two_gpus)])
-def test_two_ranks_give_the_one_process_gradient(tmp_path, algorithm, device, reshard):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=two_gpus)])  # gloo, NCCL
+@pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+def test_two_ranks_give_the_one_process_gradient(tmp_path, algorithm, device):
     out = tmp_path / "ranks.pt"
-    proc = subprocess.run([*TORCHRUN, "-m", "tests.trainer.test_distributed", algorithm, device, reshard, str(out)],
+    proc = subprocess.run([*TORCHRUN, "-m", "tests.trainer.test_distributed", algorithm, device, str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = torch.load(out, map_location="cpu", weights_only=False)
@@ -148,11 +146,11 @@ def test_torchrun_resume_continues_exactly(tmp_path):
 if __name__ == "__main__":  # one rank of the gradient test, under torchrun
     from trainer import distributed
 
-    algorithm, device, reshard, out = sys.argv[1:]
+    algorithm, device, out = sys.argv[1:]
     device = distributed.setup(device)
     sequences = random_sequences(models()[0].config.vocab_size)
     mine = sequences[:SPLIT] if distributed.rank() == 0 else sequences[SPLIT:]
-    result = train_step(algorithm, mine, token_budget=1, device=device, reshard=reshard == "true")
+    result = train_step(algorithm, mine, token_budget=1, device=device)
     if distributed.is_main():
         torch.save(result, out)
     distributed.close()
