@@ -122,6 +122,7 @@ def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq):
     loop = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
     result, verdict = check(rocq, loop, timeout_s=3)
     assert result.status == "timeout" and verdict.reason == "timeout", (result.messages, result.raw_output[-500:])
+    assert result.errors[-1].text == "the check did not finish within its time limit (3 s)"
     assert check(rocq, rocq.render(PROBLEM))[1].solved
 
 
@@ -157,7 +158,7 @@ def test_output_flood_is_stopped_and_bounded(rocq):
     flood = 'Ltac flood := idtac "Warning: flood flood flood flood flood"; flood.\nGoal True. flood. Qed.\n'
     result, verdict = check(rocq, HEADER + flood)
     assert result.status == "error" and verdict.reason == "does_not_compile"
-    assert "more output than allowed" in result.errors[-1].text
+    assert result.errors[-1].text == "the check printed more output than allowed and was stopped"
     assert len(result.raw_output) < 200_000 and len(result.messages) < 10_000
     assert check(rocq, rocq.render(PROBLEM))[1].solved
 
@@ -229,6 +230,8 @@ def test_a_library_on_coqpath_reaches_every_process_of_the_check(monkeypatch, tm
         try:
             result = check(prover, prover.render(problem), problem=problem)[1]
             assert result.solved, result.raw_output
+            # the feedback came from a warm worker that loaded the library, not from the cold fallback
+            assert [w.requires for w in prover.pool._idle] == [("From FdExtra Require Import Extra.",)]
             assert not check(prover, prover.render(problem, "\n  Admitted."), problem=problem)[1].solved
         finally:
             prover.close()
@@ -338,6 +341,7 @@ def test_a_killed_worker_is_a_crash_outcome(rocq):
     result, verdict = check(rocq, "Goal True. repeat (assert True by exact I). exact I. Qed.\n", timeout_s=20)
     killer.join()
     assert result.status == "crash" and verdict.reason == "prover_crash", result.messages
+    assert result.errors[-1].text == "the prover crashed (exit status -9)"
     assert check(rocq, rocq.render(PROBLEM))[1].solved
 
 
@@ -435,3 +439,104 @@ def test_the_trusted_check_works_inside_the_episode_directory_and_leaves_nothing
     compile_dir = next(r[1] for r in runs if r[0] == "coqc" and any(p.name == "FdAttempt.v" for p in r[3]))
     assert {r[1] for r in runs} - {compile_dir}  # the compiled file is checked in a folder of its own
     assert list(episode.iterdir()) == []
+
+
+@pytest.mark.parametrize("peak_share, status, text", [
+    (0.95, "oom", "the check ran out of memory"),
+    (0.6, "oom", "the check ran out of memory"),  # the share at which the sandbox calls it out of memory
+    (0.5, "crash", "the prover crashed (exit status -9)"),
+])
+def test_a_worker_that_died_near_its_memory_cap_ran_out_of_memory(peak_share, status, text):
+    """A worker killed mid-check (an OCaml runtime past its address-space cap can die without a message):
+    out of memory when its peak resident memory came within OOM_FRACTION of the cap, else a crash."""
+    from env.provers.rocq_worker import OOM_FRACTION
+
+    assert OOM_FRACTION == 0.6
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        with prover.pool.worker(()) as worker:
+            worker.proc.kill()
+            worker.proc.wait()
+            worker.memory.peak_mb = peak_share * worker.memory_mb
+            messages = []
+            assert worker._failure("eof", messages, 30) == status
+            assert [(m.severity, m.text) for m in messages] == [("error", text)]
+    finally:
+        prover.close()
+
+
+@pytest.mark.parametrize("jail", [True, False])
+def test_the_cold_feedback_compiles_in_the_episode_directory_as_configured(monkeypatch, tmp_path, jail):
+    """The fallback for a header no worker can load: coqc in a folder of the episode's directory (removed
+    afterwards), with Coq's variables, the prover's memory cap and jail setting; what the model sees is
+    coqc's output, with the compile's time and whether it was jailed."""
+    from env.provers import rocq as rocq_module
+    from env.provers.rocq_text import ATTEMPT
+
+    if jail and not jail_available():
+        pytest.skip("needs bubblewrap: apt-get install bubblewrap")
+    real, runs = rocq_module.run_jailed, []
+
+    def recording(argv, **kwargs):
+        runs.append((argv[0], kwargs, sorted(p.name for p in Path(kwargs["workdir"]).iterdir())))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(rocq_module, "run_jailed", recording)
+    episode = tmp_path / "episode"
+    episode.mkdir()
+    prover = RocqProver(timeout_s=30, memory_mb=1536, jail=jail, workers=1)
+    try:
+        start = time.monotonic()
+        out = prover.cold_feedback(HEADER + "Check Rplus_comm.\n", episode, timeout_s=30)
+        wall = time.monotonic() - start
+        ((program, kwargs, files),) = runs
+        assert program == "coqc" and Path(kwargs["workdir"]).parent == episode and files == [f"{ATTEMPT}.v"]
+        assert kwargs["memory_mb"] == 1536 and kwargs["jail"] is jail and kwargs["env"] == prover.coq.environment()
+        assert list(episode.iterdir()) == []
+        assert out.status == "ok" and not any(m.severity == "error" for m in out.messages), out.messages
+        assert "forall r1 r2 : R" in out.output and out.jailed is jail and 0 < out.elapsed_s <= wall
+    finally:
+        prover.close()
+
+
+def test_a_cold_feedback_that_runs_out_of_time_says_so(rocq, tmp_path):
+    out = rocq.cold_feedback("Goal True. repeat (assert True by exact I). exact I. Qed.\n", tmp_path, timeout_s=2)
+    assert out.status == "timeout"
+    assert [(m.severity, m.text) for m in out.messages] == \
+        [("error", f"the check did not finish within its time limit ({out.elapsed_s:.1f} s)")]
+
+
+@pytest.mark.parametrize("max_checks", [1, 2])
+def test_a_worker_is_replaced_after_its_share_of_checks(monkeypatch, max_checks):
+    from env.provers.rocq_worker import CoqtopWorker
+
+    real, seen = CoqtopWorker.check, []
+    monkeypatch.setattr(CoqtopWorker, "check", lambda self, *a, **kw: seen.append(self) or real(self, *a, **kw))
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1, max_checks_per_worker=max_checks)
+    try:
+        for _ in range(2 * max_checks):
+            assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        assert seen == [seen[0]] * max_checks + [seen[-1]] * max_checks and seen[-1] is not seen[0]
+        assert not seen[0].alive and not seen[0].scratch.exists()
+    finally:
+        prover.close()
+
+
+def test_workers_keep_their_scratch_in_the_pools_folder_removed_at_close():
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    root = prover.pool._root
+    check(prover, "Check nat.\n", problem=None)
+    (worker,) = prover.pool._idle
+    assert worker.scratch.parent == root and root.name.startswith("fd-coqtop-")
+    prover.close()
+    assert not worker.alive and not worker.scratch.exists() and not root.exists()
+
+
+def test_by_default_every_check_is_jailed_with_a_memory_cap():
+    prover = RocqProver()
+    try:
+        assert (prover.jail, prover.memory_mb, prover.timeout_s) == (True, 4096, 60.0)
+        pool = prover.pool
+        assert (pool.jail, pool.memory_mb, pool.size, pool.max_checks) == (True, 4096, 2, 200)
+    finally:
+        prover.close()
