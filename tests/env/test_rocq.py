@@ -262,14 +262,16 @@ def test_a_cold_compile_that_runs_out_of_time_says_so(rocq):
 
 
 @pytest.mark.parametrize("jail", [True, False])
-def test_the_trusted_re_check_runs_jailed_as_configured(jail):
+def test_the_warm_and_trusted_checks_run_jailed_as_configured(jail):
     if jail and not jail_available():
         pytest.skip("needs bubblewrap: apt-get install bubblewrap")
     prover = RocqProver(timeout_s=30, memory_mb=2048, jail=jail, workers=1)
     try:
         with EpisodeDir() as d:
             trusted = prover.trusted_check(prover.render(PROBLEM), d.root, problem=PROBLEM, timeout_s=30)
+            warm = prover.feedback(prover.render(PROBLEM), d.root, problem=PROBLEM, timeout_s=30)
         assert trusted.status == "ok" and trusted.statement.matches and trusted.jailed is jail
+        assert warm.status == "ok" and warm.jailed is jail  # the warm worker too
     finally:
         prover.close()
 
