@@ -285,6 +285,7 @@ def test_search_of_everything_is_cut_short(rocq):
     from env.sandbox import SandboxError
 
     assert len(rocq.search(".", max_hits=30)) == 30  # ripgrep is stopped once enough output has come
+    assert len(rocq.search(".")) == 50  # the default
     with pytest.raises(SandboxError, match="invalid pattern"):
         rocq.search("(")
 
