@@ -1,6 +1,6 @@
 """Mutation testing of the core modules with mutmut: how many deliberate small bugs the tests catch.
 
-    python scripts/mutation.py [--modules env/verdict.py agent/episode.py ...] [--show-survivors]
+    python scripts/mutation.py [--modules env/verdict.py agent/episode.py ...] [--show-survivors] [--jobs N]
 
 mutmut (`pip install mutmut`) makes one mutant per small change (a flipped comparison, a
 constant off by one, a dropped argument, a string changed) and runs the tests that reach the
@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--modules", nargs="+", default=FAST, choices=sorted(MODULES),
                         help="modules to mutate (default: the ones whose tests need no prover)")
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of each surviving mutant")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(),
+                        help="mutants tested at once (default: one per core); the prover modules take hours on "
+                        "2 cores and scale with cores")
     parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
                         help="mutants whose names match (fnmatch), e.g. 'agent.rollout.x_main*': after new tests")
     args = parser.parse_args()
@@ -76,7 +79,8 @@ def main() -> int:
                     'process_isolation = "forkserver"\n')
         # one thread per test process: mutmut runs one per core, and more threads only wait on each other
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(["mutmut", "run", *args.only], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
+                       stdout=subprocess.DEVNULL, check=False)
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
                                  text=True, check=True).stdout
         counts: dict[str, Counter] = defaultdict(Counter)
