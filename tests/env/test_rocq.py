@@ -543,3 +543,27 @@ def test_by_default_every_check_is_jailed_with_a_memory_cap():
         assert (pool.jail, pool.memory_mb, pool.size, pool.max_checks) == (True, 4096, 2, 200)
     finally:
         prover.close()
+
+
+@pytest.mark.parametrize("jail", [True, False])
+def test_a_worker_sees_none_of_the_trainers_environment(monkeypatch, jail):
+    """coqtop gets Coq's variables and nothing else of the process that started it (an API key, say); unjailed,
+    it runs in its own scratch folder, with that folder as its home."""
+    if jail and not jail_available():
+        pytest.skip("needs bubblewrap: apt-get install bubblewrap")
+    monkeypatch.setenv("FD_TEST_SECRET", "do-not-leak")
+    prover = RocqProver(timeout_s=30, memory_mb=2048, jail=jail, workers=1)
+    try:
+        with prover.pool.worker(()) as worker:
+            worker.memory.poll()  # finds coqtop's pid, inside the jail's namespace or not
+            pid = worker.memory.pid
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v)
+            assert Path(f"/proc/{pid}/exe").resolve().name.startswith("coqtop")
+            assert "FD_TEST_SECRET" not in environ and "FD_TEST_SECRET" not in Path(
+                f"/proc/{worker.proc.pid}/environ").read_text()
+            assert environ["PATH"].split(":")[:1] == [str(prover.coq.environment()["PATH"]).split(":")[0]]
+            if not jail:
+                assert Path(f"/proc/{pid}/cwd").resolve() == worker.scratch.resolve()
+                assert environ["HOME"] == str(worker.scratch)
+    finally:
+        prover.close()
