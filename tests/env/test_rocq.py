@@ -17,6 +17,7 @@ import pytest
 
 from env.problems import Problem
 from env.provers.rocq import RocqProver
+from env.provers.rocq_text import header_requires
 from env.sandbox import EpisodeDir, jail_available
 from env.verdict import judge
 
@@ -565,5 +566,48 @@ def test_a_worker_sees_none_of_the_trainers_environment(monkeypatch, jail):
             if not jail:
                 assert Path(f"/proc/{pid}/cwd").resolve() == worker.scratch.resolve()
                 assert environ["HOME"] == str(worker.scratch)
+    finally:
+        prover.close()
+
+
+def _in_time(fn, seconds=60):
+    """fn() in a thread, failing (not hanging) if it does not return in time."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"no result within {seconds} s (a pool slot never freed?)"
+    return out[0]
+
+
+def test_a_failed_worker_start_frees_its_slot():
+    """Headers coqtop cannot load, more of them than the pool has slots: each falls back to a cold compile,
+    and a later check still gets a warm worker."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    broken = Problem(name="p", prover="rocq", header="Require Import NoSuchLibrary.\n",
+                     formal_statement="Theorem p : True.\nProof.")
+    try:
+        for _ in range(2):
+            result = _in_time(lambda: check(prover, prover.render(broken, "exact I."), problem=broken)[0])
+            assert result.status == "error" and "NoSuchLibrary" in result.errors[0].text
+        assert _in_time(lambda: check(prover, prover.render(PROBLEM))[1].solved)
+        assert prover.pool._count == 1 and [w.requires for w in prover.pool._idle] == [header_requires(HEADER)]
+    finally:
+        prover.close()
+
+
+def test_a_full_pool_replaces_an_idle_worker_of_another_header_and_a_dead_one():
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        assert check(prover, prover.render(PROBLEM))[1].solved
+        (reals,) = prover.pool._idle
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"  # no Requires: another header
+        (bare,) = prover.pool._idle
+        assert bare.requires == () and not reals.alive and prover.pool._count == 1
+        bare.proc.kill()
+        bare.proc.wait()
+        assert _in_time(lambda: check(prover, "Check nat.\n", problem=None)[0].status) == "ok"
+        (fresh,) = prover.pool._idle
+        assert fresh is not bare and fresh.alive and prover.pool._count == 1
     finally:
         prover.close()
