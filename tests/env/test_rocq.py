@@ -611,3 +611,33 @@ def test_a_full_pool_replaces_an_idle_worker_of_another_header_and_a_dead_one():
         assert fresh is not bare and fresh.alive and prover.pool._count == 1
     finally:
         prover.close()
+
+
+@pytest.mark.parametrize("peak_share, kept", [(0.45, True), (0.55, False)])
+def test_a_worker_past_half_its_memory_cap_is_replaced_after_its_check(peak_share, kept):
+    """A worker that has held more than half of its cap is not trusted with another check (the next one could
+    run out of memory for the previous one's sake)."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        (worker,) = prover.pool._idle
+        worker.memory.peak_mb = max(worker.memory.poll(), peak_share * worker.memory_mb)
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        assert (prover.pool._idle == [worker]) is kept and worker.alive is kept
+    finally:
+        prover.close()
+
+
+def test_a_kept_worker_starts_each_check_with_an_empty_scratch_folder():
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        (worker,) = prover.pool._idle
+        (worker.scratch / "left.txt").write_text("from an attempt")
+        (worker.scratch / "folder").mkdir()
+        (worker.scratch / "folder" / "inside.v").write_text("x")
+        (worker.scratch / "link").symlink_to(worker.scratch / "folder")
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        assert prover.pool._idle == [worker] and list(worker.scratch.iterdir()) == []
+    finally:
+        prover.close()
