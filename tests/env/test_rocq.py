@@ -641,3 +641,22 @@ def test_a_kept_worker_starts_each_check_with_an_empty_scratch_folder():
         assert prover.pool._idle == [worker] and list(worker.scratch.iterdir()) == []
     finally:
         prover.close()
+
+
+def test_the_output_limit_holds_over_the_whole_file_not_per_sentence(tmp_path):
+    """Many sentences, each printing far less than the limit, together more: stopped like one flood."""
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_worker import CoqtopWorker
+
+    worker = CoqtopWorker((), memory_mb=2048, jail=jail_available(), coq=coq_install(), scratch_root=tmp_path,
+                          output_limit=4000)
+    try:
+        quiet = worker.check('Goal True. idtac "0123456789". exact I. Qed.\n' * 3, timeout_s=30)
+        assert quiet.status == "ok" and worker.alive
+        loud = worker.check('Goal True. idtac "0123456789012345678901234567890123456789". exact I. Qed.\n' * 200,
+                            timeout_s=30)
+        assert loud.status == "error" and not worker.alive
+        assert loud.messages[-1].text == "the check printed more output than allowed and was stopped"
+        assert len(loud.output) < 8000
+    finally:
+        worker.close()
