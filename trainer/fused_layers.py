@@ -69,7 +69,7 @@ _compiled: dict[str, Callable] = {}
 # requires_grad and inference tensors: a Qwen3 norm sees two weight shapes (the hidden
 # size and q/k's head dim) in the policy's training passes, the teacher's and reference's
 # no-grad passes, evaluation and generation. Past torch's default of 8 graphs per function
-# it would run the function uncompiled for every new case, silently.
+# it would run the function uncompiled for every new case, with only a warning.
 RECOMPILE_LIMIT = 64
 
 
