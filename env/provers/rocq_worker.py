@@ -75,12 +75,21 @@ class CoqtopWorker:
                                      preexec_fn=rlimits(cpu_s=None, memory_mb=memory_mb))
         self.alive = True
         self.memory = PeakMemory(self.proc, self.jailed)
-        boot = "Set Silent.\n" + "".join(r + "\n" for r in requires)
-        reply = self._send(boot, time.monotonic() + START_TIMEOUT_S)
+        # Loaded means each Require moved coqtop's state, as a check judges its sentences; a message
+        # alone could hide (an error that swallows the sentinel is cut from the reply).
+        deadline = time.monotonic() + START_TIMEOUT_S
+        reply = self._send("Set Silent.", deadline)
+        moved = True
+        for sentence in requires:
+            if reply.prompt is None or not moved:
+                break
+            before = int(reply.prompt[2])
+            reply = self._send(sentence, deadline)
+            moved = reply.prompt is not None and int(reply.prompt[2]) > before
         if reply.prompt is None or reply.prompt[3].strip():
             self.close()
             raise WorkerError(f"coqtop could not load {' '.join(requires) or 'the prelude'}: {reply.text[-500:]}")
-        if "Error" in reply.text:
+        if "Error" in reply.text or not moved:
             self.close()
             raise WorkerError(f"the header's requires failed in coqtop: {reply.text.strip()[-500:]}")
         self.state = reply.prompt[2]

@@ -119,9 +119,17 @@ def test_a_header_coqtop_cannot_load_falls_back_to_a_cold_compile(rocq):
     assert verdict.reason == "does_not_compile" and "NoSuchLibrary" in result.errors[0].text
 
 
-def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq):
+def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq, monkeypatch):
+    """The timed-out worker's whole process is killed at once, not left computing."""
+    from env.provers.rocq_worker import CoqtopWorker
+
+    real, used = CoqtopWorker.check, []
+    monkeypatch.setattr(CoqtopWorker, "check", lambda self, *a, **kw: used.append(self) or real(self, *a, **kw))
     loop = "Goal True. repeat (assert True by exact I). exact I. Qed.\n"
+    start = time.monotonic()
     result, verdict = check(rocq, loop, timeout_s=3)
+    assert time.monotonic() - start < 20
+    assert not used[0].alive and used[0].proc.poll() is not None
     assert result.status == "timeout" and verdict.reason == "timeout", (result.messages, result.raw_output[-500:])
     assert result.errors[-1].text == "the check did not finish within its time limit (3 s)"
     assert check(rocq, rocq.render(PROBLEM))[1].solved
@@ -660,3 +668,22 @@ def test_the_output_limit_holds_over_the_whole_file_not_per_sentence(tmp_path):
         assert len(loud.output) < 8000
     finally:
         worker.close()
+
+
+def test_a_warm_worker_has_its_headers_libraries_loaded(rocq):
+    """What makes it warm: the header's Requires ran before the check, so a file that uses the libraries
+    without requiring them compiles there."""
+    with rocq.pool.worker(header_requires(HEADER)) as worker:
+        out = worker.check("Check Rplus_comm.\nGoal (1 < 2)%R. lra. Qed.\n", 30)
+    assert out.status == "ok", out.messages
+
+
+@pytest.mark.parametrize("requires", [("Require Import Reals Lra.XX",), ("Require Import Reals.", "Fail.")])
+def test_a_worker_whose_requires_did_not_all_run_is_refused(tmp_path, requires):
+    """A Require that fails, even one whose error swallows the reply's sentinel (a name run into the next
+    line), or a sentence that moves no state: the worker is not started, and checks fall back to coqc."""
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_worker import CoqtopWorker, WorkerError
+
+    with pytest.raises(WorkerError, match="requires failed"):
+        CoqtopWorker(requires, memory_mb=2048, jail=jail_available(), coq=coq_install(), scratch_root=tmp_path)
