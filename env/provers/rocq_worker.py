@@ -89,7 +89,7 @@ class CoqtopWorker:
         if reply.prompt is None or reply.prompt[3].strip():
             self.close()
             raise WorkerError(f"coqtop could not load {' '.join(requires) or 'the prelude'}: {reply.text[-500:]}")
-        if "Error" in reply.text or not moved:
+        if not moved:
             self.close()
             raise WorkerError(f"the header's requires failed in coqtop: {reply.text.strip()[-500:]}")
         self.state = reply.prompt[2]

@@ -4,6 +4,7 @@ The adversarial suite (attempts that try to be judged solved without a proof) is
 `test_rocq_adversarial.py`.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -685,5 +686,20 @@ def test_a_worker_whose_requires_did_not_all_run_is_refused(tmp_path, requires):
     from env.provers.rocq_install import coq_install
     from env.provers.rocq_worker import CoqtopWorker, WorkerError
 
-    with pytest.raises(WorkerError, match="requires failed"):
+    with pytest.raises(WorkerError, match="^the header's requires failed in coqtop: ") as failed:
         CoqtopWorker(requires, memory_mb=2048, jail=jail_available(), coq=coq_install(), scratch_root=tmp_path)
+    if requires[-1] == "Fail.":  # coqtop's own message comes with it
+        assert "Error" in str(failed.value)
+
+
+@pytest.mark.parametrize("requires, memory_mb, what", [((), 20, "the prelude"),
+                                                        (("Require Import Reals.",), 60, "Require Import Reals.")])
+def test_a_worker_that_cannot_start_says_what_it_could_not_load(tmp_path, requires, memory_mb, what):
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_worker import CoqtopWorker, WorkerError
+
+    with pytest.raises(WorkerError, match=f"^coqtop could not load {re.escape(what)}: ") as failed:
+        CoqtopWorker(requires, memory_mb=memory_mb, jail=jail_available(), coq=coq_install(), scratch_root=tmp_path)
+    if requires:  # coqtop got far enough to say why
+        assert "Out of memory" in str(failed.value)
+    assert list(tmp_path.iterdir()) == []  # its scratch folder is removed
