@@ -703,3 +703,17 @@ def test_a_worker_that_cannot_start_says_what_it_could_not_load(tmp_path, requir
     if requires:  # coqtop got far enough to say why
         assert "Out of memory" in str(failed.value)
     assert list(tmp_path.iterdir()) == []  # its scratch folder is removed
+
+
+def test_a_worker_that_does_not_get_back_to_the_headers_state_is_closed():
+    """After each check the worker goes back (`BackTo`) to the state the header left; if the prompt then
+    shows any other state, the worker is not reused."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        with prover.pool.worker(()) as worker:
+            assert worker.check("Check nat.\n", 30).status == "ok" and worker.alive  # back where it was
+            worker.state = str(int(worker.state) + 50)  # a state it cannot reach
+            worker.check("Check nat.\n", 30)  # (judged against that state too: an error)
+            assert not worker.alive
+    finally:
+        prover.close()
