@@ -13,9 +13,8 @@ Prints the best time over `--repeats` (after one warm-up run, which also compile
 peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours.
 
 Then the teacher's top k of one chunk of logits ([chunk, vocab]), the head's largest
-non-matmul cost on an H200 (torch's top-k: about 1.2 ms per 1,024 rows of 151,936), against
-a candidate: `segment_topk`, the top k within the k segments of the row with the largest
-maxima (exact, see there).
+non-matmul cost on an H200: torch's top-k against the head's (`trainer.lm_head.top_k`, the
+top k within the k segments of the row with the largest maxima; exact, see there).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer.lm_head import top_k  # noqa: E402
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
 
 K = 25
@@ -100,27 +100,12 @@ def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: tor
     return rows
 
 
-def segment_topk(z: torch.Tensor, k: int, segments: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """`z.topk(k, dim=-1)` of [c, V] rows from k of their `segments` equal segments: those with the largest
-    maxima. Exact: an element of a row's top k lying in another segment would be smaller than the k larger
-    segment maxima, k elements of the row. (Of equal values, which fill the last places may differ.)"""
-    c, v = z.shape
-    if v % segments or v // segments < k or segments <= k:
-        return z.topk(k, dim=-1)
-    length = v // segments
-    seg = z.view(c, segments, length)
-    best = seg.amax(-1).topk(k, dim=-1).indices  # [c, k] the segments with the largest maxima
-    candidates = seg.gather(1, best[:, :, None].expand(c, k, length)).reshape(c, k * length)
-    values, where = candidates.topk(k, dim=-1)
-    return values, best.gather(1, where // length) * length + where % length
-
-
 def topk_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best seconds of torch's top k and of `segment_topk` over one [rows, vocab] chunk of random logits."""
+    """Best seconds of torch's top k and of the head's (`lm_head.top_k`) over one [rows, vocab] chunk of logits."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     z = torch.randn(rows, vocab, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
     times = {}
-    for name, fn in (("torch", lambda: z.topk(K, dim=-1)), ("segments", lambda: segment_topk(z, K))):
+    for name, fn in (("torch", lambda: z.topk(K, dim=-1)), ("segments", lambda: top_k(z, K))):
         best = float("inf")
         for _ in range(repeats + 1):
             if device.type == "cuda":

@@ -21,7 +21,7 @@ is the plain one-process operation, so the trainer behaves exactly as without to
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +35,10 @@ from torch.distributed.tensor import DTensor
 # A rank waits at the episode gather for the slowest rank's rollouts, and for rank 0's
 # periodic evaluation: far longer than the default collective timeout (10 minutes).
 TIMEOUT = timedelta(hours=2)
+# NCCL settings the process group starts with unless the environment sets them. NCCL picked its
+# low-latency ring protocol (LL) for FSDP2's ~100 MB all-gathers and reduce-scatters on two H200s;
+# with the Simple protocol GRPO's weak scaling 1 -> 2 GPUs rose from 82-83% to 90% (FD: 90%).
+NCCL_DEFAULTS = {"NCCL_PROTO": "Simple"}
 
 
 def resolve_device(device: str) -> str:
@@ -52,10 +56,18 @@ def setup(device: str) -> torch.device:
     if torch.device(device).type == "cuda":
         local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(local)
+        nccl_defaults(os.environ)
         dist.init_process_group("nccl", device_id=local, timeout=TIMEOUT)
         return local
     dist.init_process_group("gloo", timeout=TIMEOUT)
     return torch.device(device)
+
+
+def nccl_defaults(env: MutableMapping[str, str]) -> None:
+    """Add `NCCL_DEFAULTS` to `env` (NCCL reads them when the process group starts); a value the
+    user set stays."""
+    for name, value in NCCL_DEFAULTS.items():
+        env.setdefault(name, value)
 
 
 def close() -> None:

@@ -30,6 +30,7 @@ from trainer.lm_head import (
     logsumexp,
     scaled_softmax,
     softmax_stats,
+    top_k,
     upcast,
 )
 
@@ -95,7 +96,8 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
     """The teacher's k most likely tokens per position and their probabilities.
 
     The top k of the logits are those of the log-softmax, so the chunk's logits are ranked
-    in their own dtype and only the log-sum-exp reads them upcast: no fp32 [c, V] copy.
+    in their own dtype (`top_k`: within the segments of the row with the largest maxima) and
+    only the log-sum-exp reads them upcast: no fp32 [c, V] copy.
 
     Args:
         hidden: [N, H] teacher final hidden states at the positions aligned with the student's.
@@ -112,7 +114,7 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
     ids, probs = [], []
     for sl in chunks(hidden.shape[0], chunk):
         z = logits(hidden[sl], weight)
-        top_z, top_ids = z.topk(k, dim=-1)
+        top_z, top_ids = top_k(z, k)
         ids.append(top_ids)
         probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - logsumexp(z)[:, None]))
     return torch.cat(ids), torch.cat(probs)

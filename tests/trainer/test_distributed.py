@@ -7,6 +7,7 @@ ranks run different numbers of micro-batches and the short one is padded with em
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,6 +68,8 @@ def test_two_ranks_give_the_one_process_gradient(tmp_path, algorithm, device):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = torch.load(out, map_location="cpu", weights_only=False)
+    # NCCL's protocol is set for NCCL only, and a user's choice stays
+    assert two["nccl_proto"] == os.environ.get("NCCL_PROTO", "Simple" if device == "cuda" else None)
     sequences = random_sequences(models()[0].config.vocab_size)
     one = train_step(algorithm, sequences, token_budget=10_000, device=device)  # CPU and CUDA round differently
     assert two["stats"]["tokens"] == one["stats"]["tokens"] == sum(s.num_loss_tokens for s in sequences)
@@ -77,6 +80,17 @@ def test_two_ranks_give_the_one_process_gradient(tmp_path, algorithm, device):
         assert torch.allclose(two["grads"][name], g.cpu(), rtol=1e-7, atol=1e-12), name
     for name, w in one["weights"].items():
         assert torch.allclose(two["weights"][name], w.cpu(), rtol=1e-7, atol=1e-10), name
+
+
+def test_nccl_defaults_fill_in_what_the_user_left_unset():
+    from trainer import distributed
+
+    env = {"NCCL_DEBUG": "INFO"}
+    distributed.nccl_defaults(env)
+    assert env == {"NCCL_DEBUG": "INFO", "NCCL_PROTO": "Simple"}
+    env = {"NCCL_PROTO": "LL128"}
+    distributed.nccl_defaults(env)
+    assert env == {"NCCL_PROTO": "LL128"}
 
 
 def run_torchrun(out_dir, *overrides, timeout=600):
@@ -151,6 +165,7 @@ if __name__ == "__main__":  # one rank of the gradient test, under torchrun
     sequences = random_sequences(models()[0].config.vocab_size)
     mine = sequences[:SPLIT] if distributed.rank() == 0 else sequences[SPLIT:]
     result = train_step(algorithm, mine, token_budget=1, device=device)
+    result["nccl_proto"] = os.environ.get("NCCL_PROTO")
     if distributed.is_main():
         torch.save(result, out)
     distributed.close()

@@ -165,6 +165,47 @@ def test_teacher_topk_is_fp32_for_bf16_inputs():
     assert probs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("vocab, k, segments", [(151_936, 25, 128), (640, 5, 32), (640, 5, 64), (640, 25, 128)])
+def test_segmented_top_k_equals_torchs(vocab, k, segments):
+    """Random rows, a row whose top k crowd into its first segment, one whose top k sit in the last."""
+    z = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab), dtype=F64)
+    z[1, :k] += 100
+    z[2, -k:] += 100
+    values, ids = lm_head.top_k(z, k, segments)
+    want = z.topk(k, dim=-1)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+
+
+def test_segmented_top_k_with_ties_returns_the_top_values():
+    """bf16 logits tie often: the values are torch's, each id holds its value, no id twice."""
+    z = torch.randint(0, 40, (8, 151_936), generator=torch.Generator().manual_seed(0)).bfloat16()
+    values, ids = lm_head.top_k(z, 25)
+    assert torch.equal(values, z.topk(25, dim=-1).values) and torch.equal(z.gather(1, ids), values)
+    assert all(len(set(row)) == 25 for row in ids.tolist())
+
+
+@pytest.mark.parametrize("vocab, k, segments", [(50, 5, 16), (640, 5, 5), (320, 25, 16)])
+def test_segmented_top_k_falls_back_where_the_row_does_not_split_into_more_than_k_segments(vocab, k, segments):
+    z = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert torch.equal(lm_head.top_k(z, k, segments).indices, z.topk(k, dim=-1).indices)
+
+
+def test_teacher_topk_over_a_segmented_vocabulary_matches_full_softmax():
+    """A vocabulary of 128 segments of 32 takes the segmented top k (V = 50 above does not), with
+    positions whose top 25 crowd into one segment: the same ids and full-softmax probabilities."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(9, H, generator=g, dtype=F64), torch.randn(4096, H, generator=g, dtype=F64)
+    lead = torch.linspace(4, 5, 25, dtype=F64)[:, None]
+    weight[64:89] = lead * hidden[0]  # tokens 64..88 (segment 2) lead at position 0
+    weight[4071:] = lead * hidden[1]  # the last 25 lead at position 1
+    ids, probs = teacher_topk(hidden, weight, k=25, chunk=4)
+    p = torch.softmax(hidden @ weight.T, -1)
+    want = p.topk(25, dim=-1)
+    assert torch.equal(ids, want.indices) and ids[0].sort().values.tolist() == list(range(64, 89))
+    assert ids[1].sort().values.tolist() == list(range(4071, 4096))
+    assert_close(probs, want.values)
+
+
 # ---------------------------------------------------------------- fd_loss
 
 
