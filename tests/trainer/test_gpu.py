@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import requires_smollm2
 from tests.trainer.test_batches import backward, grads, padded_backward, random_sequences, student_and_teacher
 
 pytestmark = [pytest.mark.gpu,
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+@requires_smollm2
 def test_bf16_gpu_step_matches_float64_cpu(tiny_model, algorithm):
     student, teacher = student_and_teacher(tiny_model)
     sequences = random_sequences(student.config.vocab_size)
@@ -62,6 +64,7 @@ def test_fused_head_compiled_on_gpu_matches_float64(loss_fn):
 
 
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
+@requires_smollm2
 def test_packed_equals_padded_on_gpu(tiny_model, algorithm):
     """The packed attention's per-sequence SDPA against padded rows, on CUDA kernels (fp32: tight tolerance)."""
     student, teacher = student_and_teacher(tiny_model)
@@ -76,6 +79,7 @@ def test_packed_equals_padded_on_gpu(tiny_model, algorithm):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@requires_smollm2
 def test_transformers_backend_on_gpu(tiny_model, qwen_tokenizer):
     """Batched == alone for the same seeds; other seeds, other tokens; stops exact though the host reads the
     tokens every 8 steps; greedy as `generate`."""
