@@ -105,7 +105,7 @@ def top_k(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor]:
     Exact: an element of the row's top k that lay in another segment would be smaller than
     the maxima of those k segments, k elements of the row. One max pass over the row and a
     top-k over k / segments of it: on an H200, half the time of torch's top-k over a
-    [1,024 x 151,936] bf16 chunk (0.62 vs 1.27 ms). Where values tie at the k-th place,
+    [1,024 x 151,936] bf16 chunk (0.63 vs 1.26 ms, `bench/fd_loss.py`). Where values tie at the k-th place,
     which of the tied ids fill the last places may differ from torch's choice (same values).
     Rows that do not split into more than k equal segments take torch's top-k.
 
