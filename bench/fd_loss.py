@@ -1,6 +1,6 @@
 """The FD LM head alone: ours (fused) vs full fp32 logits vs liger-kernel, time and peak memory.
 
-    python bench/fd_loss.py [--tokens 8192] [--vocab 151936] [--hidden 2048] [--chunk 1024] [--device cuda]
+    python bench/fd_loss.py [--tokens 8192] [--vocab 151936] [--hidden 2048] [--chunk 1024 ...] [--device cuda]
 
 Each variant does what one FD micro-batch does at the head: score the teacher's hidden
 states (top 25 of the full softmax), then the student loss, forward and backward, for
@@ -10,11 +10,13 @@ states (top 25 of the full softmax), then the student loss, forward and backward
     liger   liger-kernel's fused linear JSD with beta = 0 (forward KL over the FULL vocabulary,
             teacher logits recomputed inside; same matmuls, not the same loss), when installed
 Prints the best time over `--repeats` (after one warm-up run, which also compiles) and the
-peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours.
+peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours;
+once per `--chunk` (rows of logits at once: time against memory).
 
-Then the teacher's top k of one chunk of logits ([chunk, vocab]), the head's largest
-non-matmul cost on an H200: torch's top-k against the head's (`trainer.lm_head.top_k`, the
-top k within the k segments of the row with the largest maxima; exact, see there).
+Then the teacher's work on one chunk of logits ([chunk, vocab]) besides its matmul, the
+head's largest non-matmul cost on an H200: torch's top-k and log-sum-exp against the head's
+(`trainer.lm_head.top_k_logsumexp`: the top k within the k segments of the row with the
+largest maxima, and the log-sum-exp from the same read of the logits; exact, see there).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.lm_head import top_k  # noqa: E402
+from trainer.lm_head import logsumexp, top_k_logsumexp  # noqa: E402
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
 
 K = 25
@@ -101,11 +103,12 @@ def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: tor
 
 
 def topk_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best seconds of torch's top k and of the head's (`lm_head.top_k`) over one [rows, vocab] chunk of logits."""
+    """Best seconds of torch's top k with the log-sum-exp and of the head's (`lm_head.top_k_logsumexp`)
+    over one [rows, vocab] chunk of logits."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     z = torch.randn(rows, vocab, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
     times = {}
-    for name, fn in (("torch", lambda: z.topk(K, dim=-1)), ("segments", lambda: top_k(z, K))):
+    for name, fn in (("torch", lambda: (z.topk(K, dim=-1), logsumexp(z))), ("segments", lambda: top_k_logsumexp(z, K))):
         best = float("inf")
         for _ in range(repeats + 1):
             if device.type == "cuda":
@@ -131,16 +134,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, nargs="+", default=[1024])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = head_rows(args.tokens, args.vocab, args.hidden, args.chunk, device, args.repeats)
-    print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={args.chunk} {device}")
-    times = topk_times(args.chunk, args.vocab, device, args.repeats)
-    print(f"top {K} of [{args.chunk}, {args.vocab}] logits: torch {1000 * times['torch']:.3f} ms, segments "
-          f"{1000 * times['segments']:.3f} ms ({times['torch'] / times['segments']:.2f}x)", flush=True)
+    for chunk in args.chunk:
+        rows = head_rows(args.tokens, args.vocab, args.hidden, chunk, device, args.repeats)
+        print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={chunk} {device}")
+    for chunk in args.chunk:
+        times = topk_times(chunk, args.vocab, device, args.repeats)
+        print(f"top {K} and log-sum-exp of [{chunk}, {args.vocab}] logits: torch {1000 * times['torch']:.3f} ms, "
+              f"segments {1000 * times['segments']:.3f} ms ({times['torch'] / times['segments']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
