@@ -1,6 +1,7 @@
 """Mutation testing of the core modules with mutmut: how many deliberate small bugs the tests catch.
 
     python scripts/mutation.py [--modules env/verdict.py agent/episode.py ...] [--show-survivors] [--jobs N]
+                               [--only PATTERN ...] [--workdir DIR]
 
 mutmut (`pip install mutmut`) makes one mutant per small change (a flipped comparison, a
 constant off by one, a dropped argument, a string changed) and runs the tests that reach the
@@ -55,13 +56,27 @@ def main() -> int:
                         "2 cores and scale with cores")
     parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
                         help="mutants whose names match (fnmatch), e.g. 'agent.rollout.x_main*': after new tests")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the scratch copy here instead of a temporary folder: a run cut short resumes "
+                        "when started again with the same arguments and no --only (mutants with a result are "
+                        "not run again), and `mutmut results` / `mutmut show NAME` there read it meanwhile")
     args = parser.parse_args()
     if shutil.which("mutmut") is None:
         print("error: mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     tests = sorted({t for m in args.modules for t in MODULES[m]})
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return mutate(args, tests, args.workdir.resolve())
     with tempfile.TemporaryDirectory(prefix="fd-mutation-") as scratch:
-        work = Path(scratch) / "repo"
+        return mutate(args, tests, Path(scratch))
+
+
+def mutate(args: argparse.Namespace, tests: list[str], scratch: Path) -> int:
+    """Copy the repository into `scratch`/repo (kept as it is when it is there already: mutmut's
+    results beside it), run mutmut there and print the scores."""
+    work = scratch / "repo"
+    if not work.exists():
         files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         for name in files.splitlines():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
@@ -77,34 +92,34 @@ def main() -> int:
                     # torch's thread pools do not survive a fork of a process that has used them: the
                     # mutants fork from a server that has only imported the tests
                     'process_isolation = "forkserver"\n')
-        # one thread per test process: mutmut runs one per core, and more threads only wait on each other
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
-                       stdout=subprocess.DEVNULL, check=False)
-        results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
-                                 text=True, check=True).stdout
-        counts: dict[str, Counter] = defaultdict(Counter)
-        survivors: dict[str, list[str]] = defaultdict(list)
-        for line in results.splitlines():
-            m = re.match(r"\s*([\w.]+)\.x[^:]*__mutmut_\d+: (.+)$", line)
-            if m is None:
-                continue
-            module, status = m[1], m[2].strip()
-            counts[module][status] += 1
-            if status == "survived":
-                survivors[module].append(line.strip().split(":")[0])
-        print(f"{'module':<28}{'killed':>8}{'survived':>10}{'no tests':>10}{'score':>8}")
-        for module in sorted(counts):
-            c = counts[module]
-            killed = c["killed"] + c["timeout"]
-            tested = killed + c["survived"]
-            score = killed / tested if tested else float("nan")
-            print(f"{module:<28}{killed:>8}{c['survived']:>10}{c['no tests']:>10}{score:>8.1%}")
-        if args.show_survivors:
-            for module in sorted(survivors):
-                for name in survivors[module]:
-                    diff = subprocess.run(["mutmut", "show", name], cwd=work, capture_output=True, text=True).stdout
-                    print(f"\n# {name}\n" + "\n".join(ln for ln in diff.splitlines() if ln[:2] in ("- ", "+ ")))
+    # one thread per test process: mutmut runs one per core, and more threads only wait on each other
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
+                   stdout=subprocess.DEVNULL, check=False)
+    results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
+                             text=True, check=True).stdout
+    counts: dict[str, Counter] = defaultdict(Counter)
+    survivors: dict[str, list[str]] = defaultdict(list)
+    for line in results.splitlines():
+        m = re.match(r"\s*([\w.]+)\.x[^:]*__mutmut_\d+: (.+)$", line)
+        if m is None:
+            continue
+        module, status = m[1], m[2].strip()
+        counts[module][status] += 1
+        if status == "survived":
+            survivors[module].append(line.strip().split(":")[0])
+    print(f"{'module':<28}{'killed':>8}{'survived':>10}{'no tests':>10}{'score':>8}")
+    for module in sorted(counts):
+        c = counts[module]
+        killed = c["killed"] + c["timeout"]
+        tested = killed + c["survived"]
+        score = killed / tested if tested else float("nan")
+        print(f"{module:<28}{killed:>8}{c['survived']:>10}{c['no tests']:>10}{score:>8.1%}")
+    if args.show_survivors:
+        for module in sorted(survivors):
+            for name in survivors[module]:
+                diff = subprocess.run(["mutmut", "show", name], cwd=work, capture_output=True, text=True).stdout
+                print(f"\n# {name}\n" + "\n".join(ln for ln in diff.splitlines() if ln[:2] in ("- ", "+ ")))
     return 0
 
 

@@ -63,6 +63,24 @@ def test_fused_head_compiled_on_gpu_matches_float64(loss_fn):
     assert float((gw16 - gw64).norm() / gw64.norm()) < 3e-2
 
 
+def test_teacher_topk_compiled_on_gpu_matches_torchs_top_k_and_softmax():
+    """bf16 logits over a vocabulary of 128 segments: the segmented top k and the log-sum-exp from
+    the compiled segment kernel, against torch's top k and fp32 log-sum-exp of the same logits."""
+    from trainer import lm_head
+    from trainer.losses import teacher_topk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(1024, 256, generator=g, device="cuda").bfloat16()
+    weight = (torch.randn(128 * 400, 256, generator=g, device="cuda") / 8).bfloat16()
+    ids, probs = teacher_topk(hidden, weight, k=25, chunk=1024)
+    assert lm_head._compiled
+    z = lm_head.logits(hidden, weight)
+    values, _ = z.topk(25, dim=-1)
+    assert torch.equal(z.gather(1, ids), values)
+    want = torch.exp(values.float() - torch.logsumexp(z.float(), -1, keepdim=True))
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("algorithm", ["fd", "grpo"])
 @requires_smollm2
 def test_packed_equals_padded_on_gpu(tiny_model, algorithm):
