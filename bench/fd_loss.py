@@ -13,10 +13,11 @@ Prints the best time over `--repeats` (after one warm-up run, which also compile
 peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours;
 once per `--chunk` (rows of logits at once: time against memory).
 
-Then the teacher's work on one chunk of logits ([chunk, vocab]) besides its matmul, the
-head's largest non-matmul cost on an H200: torch's top-k and log-sum-exp against the head's
-(`trainer.lm_head.top_k_logsumexp`: the top k within the k segments of the row with the
-largest maxima, and the log-sum-exp from the same read of the logits; exact, see there).
+Then the head's work on one chunk of logits ([chunk, vocab]) besides its matmuls, kernel by
+kernel, with the bandwidth each reaches (bytes read and written over time; an H200 moves
+about 4.8 TB/s): torch's top-k against the head's (`trainer.lm_head.top_k`, the top k within
+the k segments of the row with the largest maxima; exact, see there), and the row kernels
+the head runs compiled on CUDA (log-sum-exp, softmax statistics, the scaled softmax).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.lm_head import logsumexp, top_k_logsumexp  # noqa: E402
+from trainer import lm_head  # noqa: E402
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
 
 K = 25
@@ -102,23 +103,32 @@ def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: tor
     return rows
 
 
-def topk_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best seconds of torch's top k with the log-sum-exp and of the head's (`lm_head.top_k_logsumexp`)
-    over one [rows, vocab] chunk of logits."""
+def kernel_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
+    """{kernel: (best seconds, bytes moved)} over one [rows, vocab] chunk of logits."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     z = torch.randn(rows, vocab, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
+    lse, scale = lm_head.logsumexp(z), torch.ones(rows, device=device)
+    size = z.numel() * z.element_size()
+    kernels = {  # name: (call, bytes read and written)
+        "top-k torch": (lambda: z.topk(K, dim=-1), size),
+        "top-k segments": (lambda: lm_head.top_k(z, K), size),
+        "log-sum-exp": (lambda: lm_head.logsumexp(z), size),
+        "softmax stats": (lambda: lm_head.softmax_stats(z), size),
+        "scaled softmax": (lambda: lm_head.scaled_softmax(z, lse, scale), 2 * size),
+    }
     times = {}
-    for name, fn in (("torch", lambda: (z.topk(K, dim=-1), logsumexp(z))), ("segments", lambda: top_k_logsumexp(z, K))):
-        best = float("inf")
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
+    with torch.no_grad():
+        for name, (fn, moved) in kernels.items():
+            best = float("inf")
+            for _ in range(repeats + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            times[name] = (best, moved)
     return times
 
 
@@ -143,10 +153,9 @@ def main() -> None:
         rows = head_rows(args.tokens, args.vocab, args.hidden, chunk, device, args.repeats)
         print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={chunk} {device}")
     for chunk in args.chunk:
-        times = topk_times(chunk, args.vocab, device, args.repeats)
-        print(f"top {K} and log-sum-exp of [{chunk}, {args.vocab}] logits: torch {1000 * times['torch']:.3f} ms, "
-              f"segments {1000 * times['segments']:.3f} ms ({times['torch'] / times['segments']:.2f}x)", flush=True)
-
+        for name, (t, moved) in kernel_times(chunk, args.vocab, device, args.repeats).items():
+            print(f"[{chunk}, {args.vocab}] logits: {name:15s} {1000 * t:7.3f} ms  {moved / t / 1e12:5.2f} TB/s",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

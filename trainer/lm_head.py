@@ -68,21 +68,9 @@ def _softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     return lse, lse - (torch.exp(zf - lse[:, None]) * zf).sum(-1)
 
 
-def _scaled_softmax_(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
-    """z <- scale[:, None] * softmax(z), in place (a chunk's logit gradient before its top-K
-    correction, written over the logits it came from: one [c, V] buffer per chunk, not two)."""
-    return z.copy_(scale[:, None] * torch.exp(upcast(z) - lse[:, None]))
-
-
-def _segment_stats(z: Tensor, segments: int) -> tuple[Tensor, Tensor]:
-    """[c, V] logits -> log-sum-exp [c] and the maxima of the row's `segments` equal segments
-    [c, segments], from one read of z: each segment's sum of exp(z - its max), then the
-    log-sum-exp over segments. A segment of -inf only (a masked vocabulary) adds nothing."""
-    c, v = z.shape
-    seg = upcast(z).view(c, segments, v // segments)
-    maxima = seg.amax(-1)
-    shift = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
-    return torch.logsumexp(shift + torch.exp(seg - shift[:, :, None]).sum(-1).log(), -1), maxima
+def _scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    """scale[:, None] * softmax(z), in z's dtype: a chunk's logit gradient before its top-K correction."""
+    return (scale[:, None] * torch.exp(upcast(z) - lse[:, None])).to(z.dtype)
 
 
 _compiled: dict[str, Callable] = {}
@@ -106,24 +94,11 @@ def softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     return _kernel(_softmax_stats, z)(z)
 
 
-def scaled_softmax_(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
-    return _kernel(_scaled_softmax_, z)(z, lse, scale)
+def scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
+    return _kernel(_scaled_softmax, z)(z, lse, scale)
 
 
-def top_k_logsumexp(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor, Tensor]:
-    """`top_k(z, k)` and `logsumexp(z)`, the segments' maxima and the log-sum-exp from one
-    read of the logits (`_segment_stats`) where the row splits into more than k segments.
-
-    Returns:
-        values: [c, k] in decreasing order, z's dtype; ids: [c, k]; lse: [c] in the compute dtype.
-    """
-    if z.shape[1] % segments or segments <= k:
-        return (*z.topk(k, dim=-1), logsumexp(z))
-    lse, maxima = _kernel(_segment_stats, z)(z, segments)
-    return (*top_k(z, k, segments, maxima=maxima), lse)
-
-
-def top_k(z: Tensor, k: int, segments: int = 128, *, maxima: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def top_k(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor]:
     """`z.topk(k, dim=-1)` of [c, V] logits, found within the k of the row's `segments` equal
     segments that have the largest maxima.
 
@@ -132,8 +107,7 @@ def top_k(z: Tensor, k: int, segments: int = 128, *, maxima: Tensor | None = Non
     top-k over k / segments of it: on an H200, half the time of torch's top-k over a
     [1,024 x 151,936] bf16 chunk (0.63 vs 1.26 ms, `bench/fd_loss.py`). Where values tie at the k-th place,
     which of the tied ids fill the last places may differ from torch's choice (same values).
-    Rows that do not split into more than k equal segments take torch's top-k. `maxima`
-    [c, segments]: the segments' maxima when already known (`top_k_logsumexp`).
+    Rows that do not split into more than k equal segments take torch's top-k.
 
     Returns:
         values: [c, k] in decreasing order; ids: [c, k] their columns in `z`.
@@ -143,8 +117,7 @@ def top_k(z: Tensor, k: int, segments: int = 128, *, maxima: Tensor | None = Non
         return z.topk(k, dim=-1)
     length = v // segments
     seg = z.view(c, segments, length)
-    maxima = seg.amax(-1) if maxima is None else maxima
-    best = maxima.topk(k, dim=-1).indices  # [c, k] the segments with the largest maxima
+    best = seg.amax(-1).topk(k, dim=-1).indices  # [c, k] the segments with the largest maxima
     candidates = seg.gather(1, best[:, :, None].expand(c, k, length)).reshape(c, k * length)
     values, where = candidates.topk(k, dim=-1)
     return values, best.gather(1, where // length) * length + where % length
@@ -154,7 +127,6 @@ def top_k(z: Tensor, k: int, segments: int = 128, *, maxima: Tensor | None = Non
 
 # rows(logits [c, V] in the hidden dtype, the chunk's slice, whether a gradient is wanted)
 #   -> (the chunk's summed loss, d loss / d logits [c, V] in the logits' dtype or None, per-row tensors)
-# The logits are rows' to overwrite (the gradient may be written over them).
 Rows = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None, tuple[Tensor, ...]]]
 
 
@@ -164,18 +136,16 @@ class _FusedHead(torch.autograd.Function):
                 grad_weight: bool) -> tuple[Tensor, ...]:
         w = weight.to(hidden.dtype)
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
-        d_weight = torch.empty_like(w) if grad_weight else None
+        d_weight = torch.zeros_like(w) if grad_weight else None
         losses, outs = [], []
-        for i, sl in enumerate(chunks(hidden.shape[0], chunk)):
+        for sl in chunks(hidden.shape[0], chunk):
             h = hidden[sl]
             loss, grad, out = rows(F.linear(h, w), sl, grad_hidden or grad_weight)
             losses.append(loss)
             outs.append(out)
             if grad_hidden:
                 torch.mm(grad, w, out=d_hidden[sl])
-            if grad_weight and i == 0:  # the first chunk writes the buffer: no zero fill to read back
-                torch.mm(grad.T, h, out=d_weight)
-            elif grad_weight:
+            if grad_weight:
                 d_weight.addmm_(grad.T, h)
             del grad
         ctx.grads = (d_hidden, None if d_weight is None else d_weight.to(weight.dtype))

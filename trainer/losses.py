@@ -27,9 +27,10 @@ from trainer.lm_head import (
     compute_dtype,
     fused_head,
     logits,
-    scaled_softmax_,
+    logsumexp,
+    scaled_softmax,
     softmax_stats,
-    top_k_logsumexp,
+    top_k,
     upcast,
 )
 
@@ -96,8 +97,7 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
 
     The top k of the logits are those of the log-softmax, so the chunk's logits are ranked
     in their own dtype (`top_k`: within the segments of the row with the largest maxima) and
-    only the log-sum-exp reads them upcast, in the same pass as the segments' maxima: no fp32
-    [c, V] copy.
+    only the log-sum-exp reads them upcast: no fp32 [c, V] copy.
 
     Args:
         hidden: [N, H] teacher final hidden states at the positions aligned with the student's.
@@ -114,9 +114,9 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
     ids, probs = [], []
     for sl in chunks(hidden.shape[0], chunk):
         z = logits(hidden[sl], weight)
-        top_z, top_ids, lse = top_k_logsumexp(z, k)
+        top_z, top_ids = top_k(z, k)
         ids.append(top_ids)
-        probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - lse[:, None]))
+        probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - logsumexp(z)[:, None]))
     return torch.cat(ids), torch.cat(probs)
 
 
@@ -177,7 +177,7 @@ def fd_loss(
         grad = None
         if want_grad:  # m p_S - p_T on the top K; a repeated id gets the sum of its p_T, as autograd would
             m = p_c.sum(-1)
-            grad = scaled_softmax_(z, lse, m)
+            grad = scaled_softmax(z, lse, m)
             same = ids_c[:, :, None] == ids_c[:, None, :]
             top = m[:, None] * logq.exp() - (same * p_c[:, None, :]).sum(-1)
             grad.scatter_(1, ids_c, top.to(grad.dtype))
@@ -349,7 +349,7 @@ def grpo_head_loss(
             slope = torch.autograd.grad(loss, leaf)[0] if want_grad else None
         grad = None
         if want_grad:  # slope (onehot - p): -slope p everywhere, slope (1 - p) at the target
-            grad = scaled_softmax_(z, lse, -slope)
+            grad = scaled_softmax(z, lse, -slope)
             grad.scatter_(1, targets[sl, None], (slope * -torch.expm1(logp)).to(grad.dtype)[:, None])
         extra = () if kl is None else (kl[None],)
         return loss.detach(), grad, (entropy, clipped[None], ratio[None], *extra)
