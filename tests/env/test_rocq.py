@@ -717,3 +717,37 @@ def test_a_worker_that_does_not_get_back_to_the_headers_state_is_closed():
             assert not worker.alive
     finally:
         prover.close()
+
+
+# ---------------------------------------------------------------- how a failed process is reported
+
+_ENDED = {  # how the process ended: (ProcessOutcome fields, status, the message's text)
+    "timeout": (dict(returncode=None, timed_out=True, elapsed_s=12.34), "timeout",
+                "compiling the file did not finish within its time limit (12.3 s)"),
+    "oom": (dict(returncode=137, peak_rss_mb=1950.4, memory_mb=2048), "oom",
+            "compiling the file ran out of memory (1950 MB of 2048 MB)"),
+    "flood": (dict(returncode=None, output_limited=True), "error",
+              "compiling the file printed more output than allowed and was stopped"),
+    "signal": (dict(returncode=-11, signal=11), "crash", "compiling the file crashed (exit status -11)"),
+    "exit": (dict(returncode=3), "error", "compiling the file crashed (exit status 3)"),
+}
+
+
+@pytest.mark.parametrize("ended", sorted(_ENDED))
+def test_a_failed_process_gets_its_status_and_one_error_message(ended):
+    from env.provers.rocq_trusted import failure_message, outcome_status
+    from env.sandbox import ProcessOutcome
+
+    fields, status, text = _ENDED[ended]
+    out = ProcessOutcome(**{"output": "", "elapsed_s": 1.0, "timed_out": False, "jailed": True, **fields})
+    assert outcome_status(out) == status
+    message = failure_message(status, out, "compiling the file")
+    assert (message.severity, message.text) == ("error", text)
+    assert failure_message(status, out).text.startswith("the check ")
+
+
+def test_a_process_that_exits_zero_is_ok():
+    from env.provers.rocq_trusted import outcome_status
+    from env.sandbox import ProcessOutcome
+
+    assert outcome_status(ProcessOutcome(returncode=0, output="", elapsed_s=0.1, timed_out=False, jailed=True)) == "ok"
