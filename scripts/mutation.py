@@ -5,7 +5,8 @@
 
 mutmut (`pip install mutmut`) makes one mutant per small change (a flipped comparison, a
 constant off by one, a dropped argument, a string changed) and runs the tests that reach the
-mutated function against each (not those marked `slow`). This runs it in a scratch copy of the repository (mutmut
+mutated function against each (not those marked `slow`; they must all pass on the unmutated code, or
+nothing is judged and this stops with mutmut's output). This runs it in a scratch copy of the repository (mutmut
 writes a `mutants/` tree beside the code), then prints per module: killed (a test failed or
 timed out), survived, not reached by any test, and the score killed / (killed + survived).
 Surviving mutants are either killed by a new test or listed as equivalent in the README's
@@ -42,6 +43,7 @@ MODULES = {
     "env/provers/rocq_trusted.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
     "env/provers/rocq_worker.py": ["tests/env/test_rocq.py", "tests/env/test_rocq_adversarial.py"],
 }
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # mutmut's progress lines, left out of an error's excerpt
 FAST = ["env/verdict.py", "agent/episode.py", "env/provers/rocq_text.py", "trainer/losses.py",
         "trainer/batches.py", "trainer/algorithms.py", "trainer/attention.py", "trainer/fused_layers.py"]
 
@@ -94,8 +96,17 @@ def mutate(args: argparse.Namespace, tests: list[str], scratch: Path) -> int:
                     'process_isolation = "forkserver"\n')
     # one thread per test process: mutmut runs one per core, and more threads only wait on each other
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
-                   stdout=subprocess.DEVNULL, check=False)
+    log = scratch / "mutmut-run.log"
+    with log.open("w") as out:
+        run = subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
+                             stdout=out, stderr=subprocess.STDOUT, check=False)
+    if run.returncode != 0:  # e.g. a selected test that fails on the unmutated code: no mutant can be judged
+        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        tail = [ln for ln in lines if ln.strip() and ln.lstrip()[0] not in SPINNER][-40:]
+        print(f"error: mutmut run failed (exit status {run.returncode}); the end of its output ({log}):\n"
+              + "\n".join(tail) + "\nwhere stats failed, a selected test fails on the unmutated code: "
+              f"python -m pytest -m 'not slow' {' '.join(tests)}", file=sys.stderr)
+        return 1
     results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, capture_output=True,
                              text=True, check=True).stdout
     counts: dict[str, Counter] = defaultdict(Counter)
