@@ -11,7 +11,8 @@ states (top 25 of the full softmax), then the student loss, forward and backward
             teacher logits recomputed inside; same matmuls, not the same loss), when installed
 Prints the best time over `--repeats` (after one warm-up run, which also compiles) and the
 peak memory above the inputs (CUDA allocator; not measured on CPU), and ratios to ours;
-once per `--chunk` (rows of logits at once: time against memory).
+once per `--chunk` (rows of logits at once: time against memory). `--profile DIR`: where
+the time of one such step goes, kernel by kernel.
 
 Then the head's work on one chunk of logits ([chunk, vocab]) besides its matmuls, kernel by
 kernel, with the bandwidth each reaches (bytes read and written over time; an H200 moves
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_step import profile_step, summarize_trace  # noqa: E402
 
 from trainer import lm_head  # noqa: E402
 from trainer.losses import fd_loss, teacher_topk  # noqa: E402
@@ -79,15 +82,21 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float
     return time.perf_counter() - start, float("nan")
 
 
-def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: torch.device,
-              repeats: int) -> dict[str, tuple[float, float]]:
-    """{variant: (best seconds, peak GiB)} for one FD head step of `tokens` positions."""
+def inputs(tokens: int, vocab: int, hidden_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Student hidden states and head (requiring gradients), and a nearby teacher's."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     weight = (0.02 * torch.randn(vocab, hidden_size, generator=g, device=device)).to(dtype).requires_grad_()
     t_weight = (weight.detach() + 0.01 * torch.randn(vocab, hidden_size, generator=g, device=device)).to(dtype)
     hidden = torch.randn(tokens, hidden_size, generator=g, device=device).to(dtype).requires_grad_()
     t_hidden = (hidden.detach() + 0.1 * torch.randn(tokens, hidden_size, generator=g, device=device)).to(dtype)
+    return hidden, weight, t_hidden, t_weight
+
+
+def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: torch.device,
+              repeats: int) -> dict[str, tuple[float, float]]:
+    """{variant: (best seconds, peak GiB)} for one FD head step of `tokens` positions."""
+    hidden, weight, t_hidden, t_weight = inputs(tokens, vocab, hidden_size, device)
     rows = {}
     for name, variant in variants().items():
         results = []
@@ -150,11 +159,20 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, nargs="+", default=[1024])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", metavar="DIR", help="then one step of ours per chunk under torch's profiler: "
+                        "the kernels with the most GPU time (a Chrome trace each, gzipped, in DIR)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for chunk in args.chunk:
         rows = head_rows(args.tokens, args.vocab, args.hidden, chunk, device, args.repeats)
         print_rows(rows, f"T={args.tokens} V={args.vocab} H={args.hidden} chunk={chunk} {device}")
+    if args.profile:
+        hidden, weight, t_hidden, t_weight = inputs(args.tokens, args.vocab, args.hidden, device)
+        for chunk in args.chunk:
+            step = lambda c=chunk: ours(hidden, weight, t_hidden, t_weight, c).backward()  # noqa: E731
+            step()  # compiled before the profiled run
+            path, trace = profile_step(step, device, Path(args.profile), f"head-H{args.hidden}-chunk{chunk}")
+            print(f"head chunk={chunk} profile (trace {path}):\n{summarize_trace(trace, top=15)}", flush=True)
     for chunk in args.chunk:
         for name, (t, moved) in kernel_times(chunk, args.vocab, device, args.repeats).items():
             print(f"[{chunk}, {args.vocab}] logits: {name:15s} {1000 * t:7.3f} ms  {moved / t / 1e12:5.2f} TB/s",

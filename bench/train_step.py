@@ -200,7 +200,7 @@ def summarize_trace(trace: dict, top: int = 12) -> str:
         elif e["name"] in gpu and e.get("cat") == "gpu_user_annotation":
             gpu[e["name"]].append((e["ts"], e["ts"] + e["dur"]))
     lines = [f"profiled step: {wall / 1e3:,.1f} ms from first to last event"]
-    for phase in PHASES:
+    for phase in (p for p in PHASES if host[p] or gpu[p]):  # a step with no such phases (the head alone) shows none
         span = f", GPU span {_union_us(gpu[phase]) / 1e3:,.1f} ms" if gpu[phase] else ""
         lines.append(f"  {phase:<14} host {host[phase] / 1e3:9,.1f} ms{span}")
     if kernels:
