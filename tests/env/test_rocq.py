@@ -753,3 +753,26 @@ def test_a_process_that_exits_zero_is_ok():
     from env.sandbox import ProcessOutcome
 
     assert outcome_status(ProcessOutcome(returncode=0, output="", elapsed_s=0.1, timed_out=False, jailed=True)) == "ok"
+
+
+@pytest.mark.parametrize("jail", [True, False])
+def test_a_checks_result_carries_the_feedbacks_output_time_and_jail(jail):
+    """What `check` passes on from the warm feedback (a failing file) and from the whole check (a
+    solved one): coqtop's output, the time it took, whether it ran jailed."""
+    if jail and not jail_available():
+        pytest.skip("bubblewrap cannot create its namespaces here: apt-get install bubblewrap")
+    prover = RocqProver(timeout_s=30, memory_mb=2048, jail=jail, workers=1)
+    try:
+        with EpisodeDir() as d:
+            start = time.monotonic()
+            failed = prover.check(WRONG_TACTIC, d.root, problem=PROBLEM)
+            middle = time.monotonic()
+            solved = prover.check(prover.render(PROBLEM), d.root, problem=PROBLEM)
+            end = time.monotonic()
+    finally:
+        prover.close()
+    assert failed.status == "error" and not failed.trusted
+    assert "Error: The reference lia was not found" in failed.raw_output
+    assert 0 < failed.elapsed_s <= middle - start
+    assert failed.sandboxed is jail and solved.sandboxed is jail
+    assert solved.trusted and 0 < solved.trusted_s < solved.elapsed_s <= end - middle
