@@ -776,3 +776,17 @@ def test_a_checks_result_carries_the_feedbacks_output_time_and_jail(jail):
     assert 0 < failed.elapsed_s <= middle - start
     assert failed.sandboxed is jail and solved.sandboxed is jail
     assert solved.trusted and 0 < solved.trusted_s < solved.elapsed_s <= end - middle
+
+
+def test_the_warm_worker_is_chosen_by_the_problems_header_not_the_attempts_imports():
+    """An attempt's own `Require`s run in the worker of its problem's header (one warm worker per
+    problem, whatever each attempt imports); without a problem, the file's own header decides."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    extra = HEADER + "Require Import Psatz ZArith.\n" + STATEMENT + "  nra.\nQed.\n"
+    try:
+        assert check(prover, extra)[1].solved
+        assert [w.requires for w in prover.pool._idle] == [header_requires(HEADER)]
+        assert check(prover, extra, problem=None)[0].status == "ok"
+        assert [w.requires for w in prover.pool._idle] == [header_requires(extra)] != [header_requires(HEADER)]
+    finally:
+        prover.close()
