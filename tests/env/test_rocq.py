@@ -120,6 +120,18 @@ def test_a_header_coqtop_cannot_load_falls_back_to_a_cold_compile(rocq):
     assert verdict.reason == "does_not_compile" and "NoSuchLibrary" in result.errors[0].text
 
 
+def test_the_cold_fallback_gets_the_attempt_the_episode_directory_and_the_checks_time(rocq, monkeypatch):
+    calls, real = [], rocq.cold_feedback
+    monkeypatch.setattr(rocq, "cold_feedback", lambda source, workdir, *, timeout_s: calls.append(
+        (source, workdir, timeout_s)) or real(source, workdir, timeout_s=timeout_s))
+    broken = Problem(name="p", prover="rocq", header="Require Import NoSuchLibrary.\n",
+                     formal_statement="Theorem p : True.\nProof.")
+    source = rocq.render(broken, "exact I.")
+    with EpisodeDir() as d:
+        assert rocq.check(source, d.root, problem=broken, timeout_s=7).status == "error"
+    assert calls == [(source, d.root, 7)]
+
+
 def test_non_terminating_proof_times_out_and_prover_keeps_working(rocq, monkeypatch):
     """The timed-out worker's whole process is killed at once, not left computing."""
     from env.provers.rocq_worker import CoqtopWorker
