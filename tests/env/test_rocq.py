@@ -400,8 +400,8 @@ def test_apply_trusted_keeps_feedback_and_takes_the_trusted_findings():
     assert (result.elapsed_s, result.trusted_s, result.sandboxed) == (2.5, 2.0, True)
     assert apply_trusted(warm, replace(ok, detail="kernel says no"), 2.5).messages[-1] == \
         Message("error", "kernel says no")
-    assert not apply_trusted(warm, replace(ok, jailed=False), 2.5).sandboxed
-    assert not apply_trusted(replace(warm, sandboxed=False), ok, 2.5).sandboxed
+    assert apply_trusted(warm, replace(ok, jailed=False), 2.5).sandboxed is False
+    assert apply_trusted(replace(warm, sandboxed=False), ok, 2.5).sandboxed is False
 
     failed = TrustedCheck(status="error", messages=(Message("error", "coqc: bad"),), detail="cold compile failed",
                           elapsed_s=1.0, jailed=True)
@@ -409,10 +409,10 @@ def test_apply_trusted_keeps_feedback_and_takes_the_trusted_findings():
     assert result.status == "error" and not result.trusted and result.statement is None
     assert result.messages == (Message("info", "printed"), Message("error", "cold compile failed; its messages follow"),
                                Message("error", "coqc: bad"))
-    assert (result.elapsed_s, result.trusted_s) == (1.5, 1.0)
+    assert (result.elapsed_s, result.trusted_s, result.sandboxed) == (1.5, 1.0, True)
     assert apply_trusted(warm, replace(failed, detail=""), 1.5).messages[1].text.startswith(
         "the trusted re-check failed")
-    assert not apply_trusted(warm, replace(failed, jailed=False), 1.5).sandboxed
+    assert apply_trusted(warm, replace(failed, jailed=False), 1.5).sandboxed is False
 
 
 def test_only_a_clean_file_of_a_known_problem_gets_the_trusted_check(rocq, monkeypatch):
