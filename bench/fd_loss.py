@@ -178,5 +178,6 @@ def main() -> None:
             print(f"[{chunk}, {args.vocab}] logits: {name:15s} {1000 * t:7.3f} ms  {moved / t / 1e12:5.2f} TB/s",
                   flush=True)
 
+
 if __name__ == "__main__":
     main()
