@@ -17,8 +17,10 @@ the time of one such step goes, kernel by kernel.
 Then the head's work on one chunk of logits ([chunk, vocab]) besides its matmuls, kernel by
 kernel, with the bandwidth each reaches (bytes read and written over time; an H200 moves
 about 4.8 TB/s): torch's top-k against the head's (`trainer.lm_head.top_k`, the top k within
-the k segments of the row with the largest maxima; exact, see there), and the row kernels
-the head runs compiled on CUDA (log-sum-exp, softmax statistics, the scaled softmax).
+the k segments of the row with the largest maxima; exact, see there), the teacher's top k with
+its log-sum-exp (one read gives the log-sum-exp and the segment maxima), and the row kernels
+(log-sum-exp, softmax statistics, the scaled softmax): Triton on CUDA (`trainer.row_kernels`),
+and beside them, on CUDA, the same eager functions torch.compile'd.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def head_rows(tokens: int, vocab: int, hidden_size: int, chunk: int, device: tor
 
 def kernel_times(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
     """{kernel: (best seconds per call, bytes moved)} over one [rows, vocab] chunk of logits. Each
-    timing covers 10 calls queued back to back, so the host's launch time (the compiled
-    functions' guards) overlaps the GPU's work, as it does inside the head."""
+    timing covers 10 calls queued back to back, so the host's launch time overlaps the GPU's
+    work, as it does inside the head. On CUDA the head's row functions run as Triton kernels;
+    the same functions torch.compile'd (what the head ran before) are timed beside them."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     z = torch.randn(rows, vocab, generator=torch.Generator(device=device).manual_seed(0), device=device).to(dtype)
     lse, scale = lm_head.logsumexp(z), torch.ones(rows, device=device)
@@ -123,10 +126,19 @@ def kernel_times(rows: int, vocab: int, device: torch.device, repeats: int) -> d
     kernels = {  # name: (call, bytes read and written)
         "top-k torch": (lambda: z.topk(K, dim=-1), size),
         "top-k segments": (lambda: lm_head.top_k(z, K), size),
+        "top-k + lse": (lambda: lm_head.top_k_and_logsumexp(z, K), size),
         "log-sum-exp": (lambda: lm_head.logsumexp(z), size),
         "softmax stats": (lambda: lm_head.softmax_stats(z), size),
         "scaled softmax": (lambda: lm_head.scaled_softmax(z, lse, scale), 2 * size),
     }
+    if device.type == "cuda":
+        compiled = {fn: torch.compile(fn, dynamic=True)
+                    for fn in (lm_head._logsumexp, lm_head._softmax_stats, lm_head._scaled_softmax)}
+        kernels |= {
+            "log-sum-exp compiled": (lambda: compiled[lm_head._logsumexp](z), size),
+            "softmax stats compiled": (lambda: compiled[lm_head._softmax_stats](z), size),
+            "scaled softmax compiled": (lambda: compiled[lm_head._scaled_softmax](z, lse, scale), 2 * size),
+        }
     times = {}
     with torch.no_grad():
         for name, (fn, moved) in kernels.items():
@@ -175,7 +187,7 @@ def main() -> None:
             print(f"head chunk={chunk} profile (trace {path}):\n{summarize_trace(trace, top=15)}", flush=True)
     for chunk in args.chunk:
         for name, (t, moved) in kernel_times(chunk, args.vocab, device, args.repeats).items():
-            print(f"[{chunk}, {args.vocab}] logits: {name:15s} {1000 * t:7.3f} ms  {moved / t / 1e12:5.2f} TB/s",
+            print(f"[{chunk}, {args.vocab}] logits: {name:23s} {1000 * t:7.3f} ms  {moved / t / 1e12:5.2f} TB/s",
                   flush=True)
 
 

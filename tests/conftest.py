@@ -8,6 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# The Triton kernels of trainer/row_kernels.py run compiled on a GPU; without one, the tests run
+# them on CPU tensors in Triton's interpreter (read when a kernel is defined: before any import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"

@@ -14,10 +14,11 @@ backward (activation checkpointing) costs a fourth head matmul. Reducing the gra
 one [V, H] weight gradient: the sizes backward would produce anyway. The weight gradient
 is accumulated in the inputs' dtype, as autograd accumulates per-chunk gradients.
 
-The elementwise work on a chunk (log-sum-exp, entropy, scaled softmax) is a few passes over
-[c, V]. On CUDA it is compiled (torch.compile generates fused Triton kernels that read the
-bf16 logits without fp32 copies); elsewhere, and whenever autograd must see it, it runs
-eagerly: the same functions, so the CPU tests check the math the GPU runs.
+The elementwise work on a chunk (log-sum-exp, entropy, the teacher's segment maxima, the
+scaled softmax) is one or two passes over [c, V]. On CUDA it runs as Triton kernels
+(`trainer.row_kernels`: one read of the bf16 logits per pass, no fp32 copy); elsewhere, and
+whenever autograd must see it, it runs the eager functions below: the reference those
+kernels are tested against.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from trainer import row_kernels
 
 
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -73,32 +76,37 @@ def _scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
     return (scale[:, None] * torch.exp(upcast(z) - lse[:, None])).to(z.dtype)
 
 
-_compiled: dict[str, Callable] = {}
-
-
-def _kernel(fn: Callable, z: Tensor) -> Callable:
-    """`fn` compiled for CUDA tensors outside autograd, else `fn` itself. dynamic=True: chunks
-    differ in rows (the last one) without recompiling."""
-    if not z.is_cuda or torch.is_grad_enabled():
-        return fn
-    if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _compiled[fn.__name__]
+def _fast(z: Tensor) -> bool:
+    """Whether `z` goes through the Triton kernels of `trainer.row_kernels`: CUDA rows that
+    autograd does not track (the eager functions above are the reference, and what autograd sees)."""
+    return z.is_cuda and row_kernels.supports(z) and not (torch.is_grad_enabled() and z.requires_grad)
 
 
 def logsumexp(z: Tensor) -> Tensor:
-    return _kernel(_logsumexp, z)(z)
+    return row_kernels.row_stats(z)[0] if _fast(z) else _logsumexp(z)
 
 
 def softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    return _kernel(_softmax_stats, z)(z)
+    if _fast(z):
+        lse, entropy, _ = row_kernels.row_stats(z, entropy=True)
+        return lse, entropy
+    return _softmax_stats(z)
 
 
 def scaled_softmax(z: Tensor, lse: Tensor, scale: Tensor) -> Tensor:
-    return _kernel(_scaled_softmax, z)(z, lse, scale)
+    return row_kernels.scaled_softmax(z, lse, scale) if _fast(z) else _scaled_softmax(z, lse, scale)
 
 
-def top_k(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor]:
+def top_k_and_logsumexp(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """`top_k(z, k, segments)` and `logsumexp(z)`; on CUDA one read of `z` gives both the
+    log-sum-exp and the segment maxima that `top_k` ranks."""
+    if _fast(z) and z.shape[1] % segments == 0 and segments > k:
+        lse, _, maxima = row_kernels.row_stats(z, segments=segments)
+        return (*top_k(z, k, segments, maxima=maxima), lse)
+    return (*top_k(z, k, segments), logsumexp(z))
+
+
+def top_k(z: Tensor, k: int, segments: int = 128, maxima: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`z.topk(k, dim=-1)` of [c, V] logits, found within the k of the row's `segments` equal
     segments that have the largest maxima.
 
@@ -107,7 +115,8 @@ def top_k(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor]:
     top-k over k / segments of it: on an H200, half the time of torch's top-k over a
     [1,024 x 151,936] bf16 chunk (0.63 vs 1.26 ms, `bench/fd_loss.py`). Where values tie at the k-th place,
     which of the tied ids fill the last places may differ from torch's choice (same values).
-    Rows that do not split into more than k equal segments take torch's top-k.
+    Rows that do not split into more than k equal segments take torch's top-k. `maxima`:
+    the segments' maxima [c, segments] where already known (`row_kernels.row_stats`).
 
     Returns:
         values: [c, k] in decreasing order; ids: [c, k] their columns in `z`.
@@ -117,7 +126,8 @@ def top_k(z: Tensor, k: int, segments: int = 128) -> tuple[Tensor, Tensor]:
         return z.topk(k, dim=-1)
     length = v // segments
     seg = z.view(c, segments, length)
-    best = seg.amax(-1).topk(k, dim=-1).indices  # [c, k] the segments with the largest maxima
+    maxima = seg.amax(-1) if maxima is None else maxima
+    best = maxima.topk(k, dim=-1).indices  # [c, k] the segments with the largest maxima
     candidates = seg.gather(1, best[:, :, None].expand(c, k, length)).reshape(c, k * length)
     values, where = candidates.topk(k, dim=-1)
     return values, best.gather(1, where // length) * length + where % length

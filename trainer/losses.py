@@ -27,10 +27,9 @@ from trainer.lm_head import (
     compute_dtype,
     fused_head,
     logits,
-    logsumexp,
     scaled_softmax,
     softmax_stats,
-    top_k,
+    top_k_and_logsumexp,
     upcast,
 )
 
@@ -113,10 +112,9 @@ def teacher_topk(hidden: Tensor, weight: Tensor, *, k: int = 25, chunk: int = 10
     """
     ids, probs = [], []
     for sl in chunks(hidden.shape[0], chunk):
-        z = logits(hidden[sl], weight)
-        top_z, top_ids = top_k(z, k)
+        top_z, top_ids, lse = top_k_and_logsumexp(logits(hidden[sl], weight), k)
         ids.append(top_ids)
-        probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - logsumexp(z)[:, None]))
+        probs.append(torch.exp(top_z.to(compute_dtype(hidden, weight)) - lse[:, None]))
     return torch.cat(ids), torch.cat(probs)
 
 
