@@ -21,6 +21,7 @@ from env.provers.rocq import RocqProver
 from env.provers.rocq_text import header_requires
 from env.sandbox import EpisodeDir, jail_available
 from env.verdict import judge
+from tests.conftest import requires_coq
 
 HEADER = "Require Import Reals Lra.\nOpen Scope R_scope.\n\n"
 PROBLEM = Problem(name="fd_test_double", prover="rocq", header=HEADER,
@@ -156,6 +157,63 @@ def test_a_statement_check_that_runs_out_of_time_is_a_timeout(rocq):
     assert result.status == "timeout" and verdict.reason == "timeout" and not result.trusted
     assert "checking the statement" in verdict.detail
     assert check(rocq, rocq.render(PROBLEM))[1].solved
+
+
+def _trusted_check(source, problem, workdir, jail, coq=None, timeout_s=30):
+    """`trusted_check` on its own, as `RocqProver.check` calls it."""
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_trusted import trusted_check
+
+    return trusted_check(source, problem, workdir=workdir, timeout_s=timeout_s, memory_mb=2048, jail=jail,
+                         coq=coq or coq_install(), standard_axioms=frozenset())
+
+
+JAILS = [False, pytest.param(True, marks=pytest.mark.skipif(not jail_available(), reason="needs bubblewrap"))]
+
+
+@pytest.mark.parametrize("jail", JAILS)
+@requires_coq
+def test_a_trusted_check_that_stops_early_says_whether_it_was_jailed(tmp_path, jail):
+    """Each way the trusted check ends early (the file does not compile; the statement check runs out of
+    time) carries the jail setting it ran under, True or False, and leaves no folder behind."""
+    failed = _trusted_check(WRONG_TACTIC, PROBLEM, tmp_path, jail)
+    assert failed.status == "error" and failed.detail == "the file does not compile with coqc"
+    assert failed.jailed is jail and "lia" in failed.messages[0].text
+    slow = Problem(name="p", prover="rocq", header="", formal_statement="Theorem p : Nat.pow 2 30 * 0 = 0.\nProof.")
+    late = _trusted_check("Theorem p : 0 = 0.\nProof. reflexivity. Qed.\n", slow, tmp_path, jail, timeout_s=4)
+    assert late.status == "timeout" and late.detail == "the statement check did not finish"
+    assert late.jailed is jail and "checking the statement" in late.messages[0].text
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["nothing", "link"])
+@requires_coq
+def test_a_compile_that_succeeds_without_a_plain_compiled_file_is_a_crash(tmp_path, how):
+    """A coqc that exits 0 but writes no FdAttempt.vo, or writes it as a link (here to a real proof's
+    compiled file), is refused before anything reads that file. The real coqc cannot be made to do
+    this: a script first on Coq's PATH stands in for it on the attempt's compile and hands every other
+    call to the real one."""
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_trusted import ATTEMPT
+
+    proof = tmp_path / "proof"
+    proof.mkdir()
+    (proof / f"{ATTEMPT}.v").write_text(HEADER + STATEMENT + "  nra.\nQed.\n")
+    subprocess.run(["coqc", "-q", "-Q", ".", "", f"{ATTEMPT}.v"], cwd=proof, check=True)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    action = ":" if how == "nothing" else f"ln -s {proof / ATTEMPT}.vo {ATTEMPT}.vo"
+    (fake / "coqc").write_text(f'#!/bin/sh\ncase "$*" in *{ATTEMPT}.v) {action}; exit 0 ;; esac\n'
+                               f'exec {shutil.which("coqc")} "$@"\n')
+    (fake / "coqc").chmod(0o755)
+    coq = coq_install()
+    env = dict(coq.variables, PATH=f"{fake}:{coq.environment()['PATH']}")
+    coq = replace(coq, variables=tuple(env.items()))
+    work = tmp_path / "episode"
+    work.mkdir()
+    result = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, work, False, coq=coq)
+    assert (result.status, result.detail) == ("crash", "coqc reported success but wrote no compiled file")
+    assert result.jailed is False and result.statement is None and list(work.iterdir()) == []
 
 
 def test_memory_bomb_hits_the_cap_and_the_next_check_is_fine():
@@ -636,9 +694,9 @@ def test_a_full_pool_replaces_an_idle_worker_of_another_header_and_a_dead_one():
         prover.close()
 
 
-@pytest.mark.parametrize("peak_share, kept", [(0.45, True), (0.55, False)])
+@pytest.mark.parametrize("peak_share, kept", [(0.45, True), (0.5, False), (0.55, False)])
 def test_a_worker_past_half_its_memory_cap_is_replaced_after_its_check(peak_share, kept):
-    """A worker that has held more than half of its cap is not trusted with another check (the next one could
+    """A worker that has held half of its cap or more is not trusted with another check (the next one could
     run out of memory for the previous one's sake)."""
     prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
     try:
