@@ -186,6 +186,49 @@ def test_a_trusted_check_that_stops_early_says_whether_it_was_jailed(tmp_path, j
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("jail", JAILS)
+@requires_coq
+def test_each_end_of_the_statement_check_in_full(tmp_path, jail):
+    """What `trusted_check` returns, field by field, for each way the statement check and the kernel
+    re-check can end."""
+    from env.provers.base import StatementCheck
+
+    proved = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, tmp_path, jail)
+    assert proved.statement == StatementCheck(True, True, "the kernel accepts it as a proof of the problem's statement")
+    assert (proved.status, proved.jailed, proved.unsafe, proved.detail) == ("ok", jail, (), "")
+    assert "ClassicalDedekindReals.sig_forall_dec" in proved.axioms  # as printed: no standard names given here
+
+    renamed = _trusted_check(HEADER + STATEMENT.replace("fd_test_double", "other") + "  nra.\nQed.\n", PROBLEM,
+                             tmp_path, jail)
+    assert renamed.statement == StatementCheck(False, False, "no theorem named fd_test_double in the file")
+    assert (renamed.status, renamed.jailed, renamed.axioms) == ("ok", jail, None)
+
+    weaker = HEADER + "Theorem fd_test_double (x : R) (h : 1 < x) : x + 1 > x.\nProof. lra. Qed.\n"
+    other = _trusted_check(weaker, PROBLEM, tmp_path, jail)
+    assert other.statement == StatementCheck(True, False, "the type of fd_test_double is not the problem's statement")
+    assert (other.status, other.jailed, other.axioms) == ("ok", jail, None)
+
+    # a problem whose own statement does not elaborate: coqc's error (long: it names the identifier) ends the detail
+    name = "undefined_" + "x" * 600
+    broken = Problem(name="q", prover="rocq", header="", formal_statement=f"Theorem q : {name} = 0.\nProof.")
+    stopped = _trusted_check("Theorem q : True.\nProof. exact I. Qed.\n", broken, tmp_path, jail)
+    prefix = "the problem's own statement did not elaborate: "
+    assert (stopped.status, stopped.jailed, stopped.statement) == ("ok", jail, None)
+    assert stopped.detail.startswith(prefix) and len(stopped.detail) == len(prefix) + 500
+    assert stopped.detail.endswith("was not found in the current environment.")
+
+    # vm_compute makes coqc's check quick; coqchk has no virtual machine and reduces it slowly (about 13 s)
+    slow = Problem(name="big", prover="rocq", header="",
+                   formal_statement="Theorem big : Nat.eqb (Nat.pow 2 20 + 0) (Nat.pow 2 20) = true.\nProof.")
+    late = _trusted_check(slow.formal_statement + " vm_compute. reflexivity. Qed.\n", slow, tmp_path, jail,
+                          timeout_s=6)
+    assert (late.status, late.jailed, late.axioms) == ("timeout", jail, None)
+    assert late.statement == StatementCheck(True, True, "the kernel accepts it as a proof of the problem's statement")
+    (message,) = late.messages  # the limit it names is what was left of the 6 s after the compile
+    assert re.fullmatch(r"the kernel re-check did not finish within its time limit \([\d.]+ s\)", message.text)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("how", ["nothing", "link"])
 @requires_coq
 def test_a_compile_that_succeeds_without_a_plain_compiled_file_is_a_crash(tmp_path, how):
