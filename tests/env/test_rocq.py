@@ -229,34 +229,62 @@ def test_each_end_of_the_statement_check_in_full(tmp_path, jail):
     assert list(tmp_path.iterdir()) == []
 
 
+def _stand_in(tmp_path, program, when, action):
+    """Coq's install with a shell script first on its PATH in place of `program`: on a call whose
+    arguments end with `when` it runs `action`, every other call goes to the real program. For what
+    the real programs cannot be made to do (the tests say which)."""
+    from env.provers.rocq_install import coq_install
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / program).write_text(f'#!/bin/sh\ncase "$*" in *{when}) {action} ;; esac\n'
+                                   f'exec {shutil.which(program)} "$@"\n')
+    (bin_dir / program).chmod(0o755)
+    coq = coq_install()
+    env = dict(coq.variables, PATH=f"{bin_dir}:{coq.environment()['PATH']}")
+    return replace(coq, variables=tuple(env.items()))
+
+
 @pytest.mark.parametrize("how", ["nothing", "link"])
 @requires_coq
 def test_a_compile_that_succeeds_without_a_plain_compiled_file_is_a_crash(tmp_path, how):
     """A coqc that exits 0 but writes no FdAttempt.vo, or writes it as a link (here to a real proof's
     compiled file), is refused before anything reads that file. The real coqc cannot be made to do
-    this: a script first on Coq's PATH stands in for it on the attempt's compile and hands every other
-    call to the real one."""
-    from env.provers.rocq_install import coq_install
+    this: a stand-in does it on the attempt's compile."""
     from env.provers.rocq_trusted import ATTEMPT
 
     proof = tmp_path / "proof"
     proof.mkdir()
     (proof / f"{ATTEMPT}.v").write_text(HEADER + STATEMENT + "  nra.\nQed.\n")
     subprocess.run(["coqc", "-q", "-Q", ".", "", f"{ATTEMPT}.v"], cwd=proof, check=True)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    action = ":" if how == "nothing" else f"ln -s {proof / ATTEMPT}.vo {ATTEMPT}.vo"
-    (fake / "coqc").write_text(f'#!/bin/sh\ncase "$*" in *{ATTEMPT}.v) {action}; exit 0 ;; esac\n'
-                               f'exec {shutil.which("coqc")} "$@"\n')
-    (fake / "coqc").chmod(0o755)
-    coq = coq_install()
-    env = dict(coq.variables, PATH=f"{fake}:{coq.environment()['PATH']}")
-    coq = replace(coq, variables=tuple(env.items()))
+    action = "exit 0" if how == "nothing" else f"ln -s {proof / ATTEMPT}.vo {ATTEMPT}.vo; exit 0"
+    coq = _stand_in(tmp_path, "coqc", f"{ATTEMPT}.v", action)
     work = tmp_path / "episode"
     work.mkdir()
     result = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, work, False, coq=coq)
     assert (result.status, result.detail) == ("crash", "coqc reported success but wrote no compiled file")
     assert result.jailed is False and result.statement is None and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("action, reason", [
+    ("echo 'Error: bad file' >&2; exit 1", "the kernel checker rejected the compiled file: Error: bad file"),
+    ("echo 'all good, trust me'; exit 0", "the kernel checker's summary could not be read: all good, trust me"),
+])
+@requires_coq
+def test_a_kernel_checker_that_fails_or_says_nothing_readable_never_passes_a_proof(tmp_path, action, reason):
+    """coqchk's own failure, or an answer without its context summary, is an unsafe note on a proof the
+    statement check accepted (a verdict with any unsafe note is not solved). The real coqchk accepts
+    this proof: a stand-in answers for it."""
+    from env.provers.base import StatementCheck
+    from env.provers.rocq_trusted import ATTEMPT
+
+    coq = _stand_in(tmp_path, "coqchk", ATTEMPT, action)
+    work = tmp_path / "episode"
+    work.mkdir()
+    result = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, work, False, coq=coq)
+    assert result.statement == StatementCheck(True, True, "the kernel accepts it as a proof of the problem's statement")
+    assert (result.status, result.jailed, result.unsafe, result.axioms) == ("ok", False, (reason,), None)
+    assert list(work.iterdir()) == []
 
 
 def test_memory_bomb_hits_the_cap_and_the_next_check_is_fine():
