@@ -780,6 +780,21 @@ def test_a_worker_past_half_its_memory_cap_is_replaced_after_its_check(peak_shar
         prover.close()
 
 
+def test_a_closed_worker_answers_a_check_as_a_crash_without_output():
+    """A worker whose coqtop is gone sends nothing: the check ends at its first sentence as a crash,
+    with no output of its own, and the worker stays closed."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        with prover.pool.worker(()) as worker:
+            worker.close()
+            out = worker.check("Check nat.\nCheck bool.\n", 10)
+        assert (out.status, out.output) == ("crash", "")
+        assert [(m.severity, m.text) for m in out.messages] == [("error", "the prover crashed (exit status -9)")]
+        assert not worker.alive and out.elapsed_s < 5
+    finally:
+        prover.close()
+
+
 def test_a_kept_worker_starts_each_check_with_an_empty_scratch_folder():
     prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
     try:
