@@ -1,14 +1,16 @@
 """Mutation testing of the core modules with mutmut: how many deliberate small bugs the tests catch.
 
     python scripts/mutation.py [--modules env/verdict.py agent/episode.py ...] [--show-survivors] [--jobs N]
-                               [--only PATTERN ...] [--workdir DIR]
+                               [--only PATTERN ...] [--workdir DIR] [--wall-timeout SECONDS]
 
 mutmut (`pip install mutmut`) makes one mutant per small change (a flipped comparison, a
 constant off by one, a dropped argument, a string changed) and runs the tests that reach the
 mutated function against each (not those marked `slow`; they must all pass on the unmutated code, or
 nothing is judged and this stops with mutmut's output). This runs it in a scratch copy of the repository (mutmut
 writes a `mutants/` tree beside the code), then prints per module: killed (a test failed or
-timed out), survived, not reached by any test, and the score killed / (killed + survived).
+timed out: mutmut's limit counts CPU time, so a mutant that deadlocks, using none, is ended
+after `--wall-timeout` seconds as a timeout too), survived, not reached by any test, and the
+score killed / (killed + survived).
 Surviving mutants are either killed by a new test or listed as equivalent in the README's
 testing section. It takes minutes for the fast modules and hours for the prover modules,
 whose tests run real provers: it is not part of CI.
@@ -20,9 +22,12 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -62,6 +67,9 @@ def main() -> int:
                         help="keep the scratch copy here instead of a temporary folder: a run cut short resumes "
                         "when started again with the same arguments and no --only (mutants with a result are "
                         "not run again), and `mutmut results` / `mutmut show NAME` there read it meanwhile")
+    parser.add_argument("--wall-timeout", type=float, default=900, metavar="SECONDS",
+                        help="a mutant still running after this long counts as a timeout (default 900): mutmut's "
+                        "own limit counts CPU time, which a mutant that deadlocks does not use")
     args = parser.parse_args()
     if shutil.which("mutmut") is None:
         print("error: mutmut is not installed: pip install mutmut", file=sys.stderr)
@@ -98,8 +106,13 @@ def mutate(args: argparse.Namespace, tests: list[str], scratch: Path) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = scratch / "mutmut-run.log"
     with log.open("w") as out:
-        run = subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
-                             stdout=out, stderr=subprocess.STDOUT, check=False)
+        run = subprocess.Popen(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=work, env=env,
+                               stdout=out, stderr=subprocess.STDOUT)
+        stop = threading.Event()
+        watcher = threading.Thread(target=end_stuck_mutants, args=(run.pid, log, args.wall_timeout, stop), daemon=True)
+        watcher.start()
+        run.wait()
+        stop.set()
     if run.returncode != 0:  # e.g. a selected test that fails on the unmutated code: no mutant can be judged
         lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
         tail = [ln for ln in lines if ln.strip() and ln.lstrip()[0] not in SPINNER][-40:]
@@ -132,6 +145,39 @@ def mutate(args: argparse.Namespace, tests: list[str], scratch: Path) -> int:
                 diff = subprocess.run(["mutmut", "show", name], cwd=work, capture_output=True, text=True).stdout
                 print(f"\n# {name}\n" + "\n".join(ln for ln in diff.splitlines() if ln[:2] in ("- ", "+ ")))
     return 0
+
+
+def end_stuck_mutants(pid: int, log: Path, limit_s: float, stop: threading.Event, poll_s: float = 5.0) -> None:
+    """Send SIGXCPU (the signal of mutmut's own limit, so the mutant counts as a timeout) to each
+    mutant that has run `limit_s` seconds, until `stop` is set. A mutant is a grandchild of the
+    `mutmut run` process `pid` (its fork server's child); the watch starts only once mutmut logs
+    that it runs mutants, as its clean and stats runs are such grandchildren too."""
+    seen: dict[int, float] = {}
+    started = False
+    while not stop.wait(poll_s):
+        started = started or "Running mutation testing" in log.read_text(errors="replace")
+        if not started:
+            continue
+        now = time.monotonic()
+        for mutant in grandchildren(pid):
+            if now - seen.setdefault(mutant, now) > limit_s:
+                try:
+                    os.kill(mutant, signal.SIGXCPU)
+                except ProcessLookupError:
+                    pass
+
+
+def grandchildren(pid: int) -> list[int]:
+    """The processes whose parent's parent is `pid`, from /proc (empty where there is none)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
 
 
 if __name__ == "__main__":
