@@ -284,9 +284,10 @@ class WorkerPool:
                 self._count -= 1
             self._cond.notify_all()
             if self._closed and not self._busy:
-                self._remove()
+                self._finish()
 
     def close(self) -> None:
+        """Stop the idle workers now; a busy one finishes its check, then stops with the last of them."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -294,6 +295,10 @@ class WorkerPool:
             self._cond.notify_all()
         for w in idle:
             w.close()
-        self._spawner.shutdown(wait=False)
         if not self._busy:
-            self._remove()
+            self._finish()
+
+    def _finish(self) -> None:
+        # the spawner thread ends only now: its end would kill every jailed worker it started, busy ones too
+        self._spawner.shutdown(wait=False)
+        self._remove()

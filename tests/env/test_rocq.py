@@ -674,8 +674,27 @@ def test_a_worker_is_replaced_after_its_share_of_checks(monkeypatch, max_checks)
             assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
         assert seen == [seen[0]] * max_checks + [seen[-1]] * max_checks and seen[-1] is not seen[0]
         assert not seen[0].alive and not seen[0].scratch.exists()
+        assert prover.pool._count == 0 and prover.pool._idle == []  # the last one too reached its share
     finally:
         prover.close()
+
+
+def test_a_pool_closed_during_a_check_lets_it_finish_then_removes_its_folder():
+    """Closing stops idle workers at once; a busy one (jailed: bubblewrap ends it with the thread that
+    started it) finishes its check, and the pool's folder goes with the last of them."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    root = prover.pool._root
+    slow = "Eval lazy in Nat.eqb (Nat.pow 2 17 + 0) (Nat.pow 2 17).\n"  # a few seconds
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(check, prover, slow, problem=None)
+        for _ in range(600):
+            if prover.pool._busy:
+                break
+            time.sleep(0.05)
+        prover.close()
+        assert root.exists()  # the check still runs in it
+        assert running.result()[0].status == "ok"
+    assert not root.exists() and prover.pool._busy == set()
 
 
 def test_workers_keep_their_scratch_in_the_pools_folder_removed_at_close():
