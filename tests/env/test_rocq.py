@@ -705,6 +705,8 @@ def test_workers_keep_their_scratch_in_the_pools_folder_removed_at_close():
     assert worker.scratch.parent == root and root.name.startswith("fd-coqtop-")
     prover.close()
     assert not worker.alive and not worker.scratch.exists() and not root.exists()
+    with pytest.raises(RuntimeError, match="^the prover was closed$"):
+        check(prover, "Check nat.\n", problem=None)
 
 
 def test_by_default_every_check_is_jailed_with_a_memory_cap():
