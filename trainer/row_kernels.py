@@ -34,7 +34,7 @@ AVAILABLE = triton is not None
 # Tile sizes and warps: the fastest of a sweep on an H200 over [2,048 x 151,936] bf16 chunks
 TILE = 4096  # elements read per loop step of one row (8 KiB of bf16); a tile is SEGS x BLOCK
 WARPS = 4
-LOWEST = -3.4028234663852886e38  # the running maximum starts here, not at -inf: a row of -inf stays nan-free
+LOWEST = -3.4028234663852886e38  # the running maximum starts here, not at -inf: a row of -inf gets lse -inf, not nan
 
 if AVAILABLE:
 
