@@ -40,9 +40,11 @@ def test_row_stats_with_minus_infinity_logits():
     z = logits(3, 5000, torch.float32)
     z[0, ::3] = float("-inf")
     z[1, :4500] = float("-inf")  # whole tiles of -inf before the first finite logit
+    z[2] = float("-inf")  # nothing but -inf: log-sum-exp -inf, as torch's
     lse, entropy, _ = row_kernels.row_stats(z, entropy=True)
     assert_close(lse, torch.logsumexp(z, -1), rtol=1e-6, atol=1e-5)
-    for r in range(3):
+    assert lse[2] == float("-inf")
+    for r in range(2):
         finite = z[r][z[r] > float("-inf")][None]
         assert_close(entropy[r].double(), lm_head._softmax_stats(finite.double())[1][0], rtol=1e-6, atol=2e-6)
 
