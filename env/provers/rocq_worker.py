@@ -263,14 +263,25 @@ class WorkerPool:
         try:
             w = self._spawner.submit(CoqtopWorker, requires, memory_mb=self.memory_mb, jail=self.jail,
                                      coq=self.coq, scratch_root=self._root).result()
-        except BaseException:
-            with self._cond:
-                self._count -= 1
-                self._cond.notify_all()
+        except BaseException as error:
+            if self._forget_start():
+                raise RuntimeError("the prover was closed") from error
             raise
         with self._cond:
-            self._busy.add(w)
-        return w
+            if not self._closed:
+                self._busy.add(w)
+                return w
+        # closed while the worker started: close() did not wait for it, and the spawner thread's end kills it
+        w.close()
+        self._forget_start()
+        raise RuntimeError("the prover was closed")
+
+    def _forget_start(self) -> bool:
+        """Give back the slot of a worker that will not be used; whether the pool was closed meanwhile."""
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+            return self._closed
 
     def _release(self, w: CoqtopWorker) -> None:
         keep = w.alive and w.checks < self.max_checks and not self._closed

@@ -4,6 +4,7 @@ The adversarial suite (attempts that try to be judged solved without a proof) is
 `test_rocq_adversarial.py`.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -696,6 +697,41 @@ def test_a_pool_closed_during_a_check_lets_it_finish_then_removes_its_folder():
         assert root.exists()  # the check still runs in it
         assert running.result()[0].status == "ok"
     assert not root.exists() and prover.pool._busy == set()
+
+
+@pytest.mark.parametrize("start", ["fails", "succeeds"])
+@requires_coq
+def test_a_pool_closed_while_a_worker_starts_does_not_wait_for_it_and_refuses_its_check(tmp_path, start):
+    """close() returns at once while a worker is still starting (the start can take up to two minutes);
+    the check that was waiting for it is refused as on a closed pool, whether the start then fails
+    (close removed the worker's folder) or succeeds (the worker is stopped), and its slot is given
+    back. The real coqtop starts too fast to close the pool in between: a stand-in waits for a gate
+    file first, then runs it in its own folder, or, to succeed, in one close leaves alone."""
+    from env.provers.rocq_worker import WorkerPool
+
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    move = f"; cd {tmp_path}" if start == "succeeds" else ""
+    coq = _stand_in(tmp_path, "coqtop", "",
+                    f"echo $$ > {started}; while [ ! -e {gate} ]; do sleep 0.05; done{move}")
+    pool = WorkerPool(size=1, memory_mb=2048, jail=False, coq=coq)
+    with ThreadPoolExecutor(1) as ex:
+        acquiring = ex.submit(pool._acquire, ())
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.05)
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        closer.join(timeout=20)
+        closed_at_once = not closer.is_alive()
+        gate.touch()
+        closer.join()
+        assert closed_at_once
+        with pytest.raises(RuntimeError, match="^the prover was closed$"):
+            acquiring.result(timeout=120)
+    assert (pool._count, pool._busy, pool._idle, pool._root.exists()) == (0, set(), [], False)
+    with pytest.raises(ProcessLookupError):  # the stand-in's process became coqtop: stopped and reaped
+        os.kill(int(started.read_text()), 0)
 
 
 def test_workers_keep_their_scratch_in_the_pools_folder_removed_at_close():
