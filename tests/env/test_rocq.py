@@ -623,6 +623,43 @@ def test_a_worker_that_died_near_its_memory_cap_ran_out_of_memory(peak_share, st
         prover.close()
 
 
+@requires_coq
+def test_a_worker_that_grows_past_its_out_of_memory_share_and_dies_mid_check_ran_out_of_memory(tmp_path):
+    """The peak resident memory is polled while a sentence runs: a process that has died has none left
+    to read. The real coqtop cannot be made to die on cue: a stand-in passes everything to it, and on
+    the sentence naming `fd_memory_bomb` fills 70% of the cap, holds it half a second, and exits
+    without a word."""
+    from env.provers.base import Message
+    from env.provers.rocq_install import coq_install
+    from env.provers.rocq_worker import WorkerPool
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "coqtop").write_text(
+        f"#!{sys.executable}\n"
+        "import os, subprocess, sys, time\n"
+        f"child = subprocess.Popen([{shutil.which('coqtop')!r}, *sys.argv[1:]], stdin=subprocess.PIPE)\n"
+        "while line := sys.stdin.buffer.readline():\n"
+        "    if b'fd_memory_bomb' in line:\n"
+        "        block = b'x' * (1434 << 20)\n"
+        "        time.sleep(0.5)\n"
+        "        child.kill()\n"
+        "        os._exit(3)\n"
+        "    child.stdin.write(line)\n"
+        "    child.stdin.flush()\n")
+    (bin_dir / "coqtop").chmod(0o755)
+    coq = coq_install()
+    coq = replace(coq, variables=tuple(dict(coq.variables, PATH=f"{bin_dir}:{coq.environment()['PATH']}").items()))
+    pool = WorkerPool(size=1, memory_mb=2048, jail=False, coq=coq)
+    try:
+        with pool.worker(()) as worker:
+            outcome = worker.check("Check nat.\nCheck fd_memory_bomb.\n", 30)
+        assert outcome.status == "oom" and worker.memory.peak_mb >= 1400
+        assert outcome.messages[-1] == Message("error", "the check ran out of memory")
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("jail", [True, False])
 def test_the_cold_feedback_compiles_in_the_episode_directory_as_configured(monkeypatch, tmp_path, jail):
     """The fallback for a header no worker can load: coqc in a folder of the episode's directory (removed
