@@ -71,15 +71,17 @@ def test_feedback_shows_what_the_file_prints(rocq):
     assert any(m.text == "hello" and m.line == 5 for m in infos)
 
 
-@pytest.mark.parametrize("source, words", [
-    (HEADER + STATEMENT + "  nra.\nQed", "final '.'"),
-    (HEADER + STATEMENT + "  nra.\n", "unfinished proof (fd_test_double)"),
-    (HEADER + STATEMENT + "  nra.\n(* Qed.", "inside a comment"),
+@pytest.mark.parametrize("source, text", [
+    (HEADER + STATEMENT + "  nra.\nQed", "Syntax error: the file ends in the middle of a command: a sentence needs "
+     "its final '.'."),
+    (HEADER + STATEMENT + "  nra.\n", "the file ends inside an unfinished proof (fd_test_double): close it with Qed."),
+    (HEADER + STATEMENT + "  nra.\n(* Qed.", "Syntax error: the file ends inside a comment: close it."),
 ])
-def test_unfinished_files_do_not_compile(rocq, source, words):
+def test_unfinished_files_do_not_compile(rocq, source, text):
+    """The error is placed where the file ends: line 7, the one after the last newline."""
     result, verdict = check(rocq, source)
     assert result.status == "error" and verdict.reason == "does_not_compile"
-    assert words in result.errors[-1].text
+    assert (result.errors[-1].text, result.errors[-1].line, result.errors[-1].column) == (text, 7, 1)
 
 
 def test_nothing_leaks_from_one_check_to_the_next(rocq):
@@ -886,6 +888,19 @@ def test_a_closed_worker_answers_a_check_as_a_crash_without_output():
         assert (out.status, out.output) == ("crash", "")
         assert [(m.severity, m.text) for m in out.messages] == [("error", "the prover crashed (exit status -9)")]
         assert not worker.alive and out.elapsed_s < 5
+    finally:
+        prover.close()
+
+
+def test_a_worker_is_kept_after_a_check_that_found_an_error_in_the_attempt():
+    """Only the attempt failed: the worker goes back to the header's state and serves the next check."""
+    prover = RocqProver(timeout_s=30, memory_mb=2048, workers=1)
+    try:
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok"
+        (worker,) = prover.pool._idle
+        assert check(prover, "Check nat.\nCheck fd_no_such_lemma.\n", problem=None)[0].status == "error"
+        assert prover.pool._idle == [worker] and worker.alive
+        assert check(prover, "Check nat.\n", problem=None)[0].status == "ok" and prover.pool._idle == [worker]
     finally:
         prover.close()
 
