@@ -272,6 +272,21 @@ def test_a_compile_that_succeeds_without_a_plain_compiled_file_is_a_crash(tmp_pa
     assert result.jailed is False and result.statement is None and list(work.iterdir()) == []
 
 
+@requires_coq
+def test_a_statement_check_that_writes_every_stage_but_fails_is_not_the_statement(tmp_path):
+    """The stage files say how far the statement check got; its exit status must say it finished too.
+    The real coqc cannot be made to fail after its last stage: a stand-in runs it, then exits 1."""
+    from env.provers.base import StatementCheck
+    from env.provers.rocq_text import CHECK
+
+    coq = _stand_in(tmp_path, "coqc", f"{CHECK}.v", f'{shutil.which("coqc")} "$@"; exit 1')
+    work = tmp_path / "episode"
+    work.mkdir()
+    result = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, work, False, coq=coq)
+    assert result.statement == StatementCheck(True, False, "the type of fd_test_double is not the problem's statement")
+    assert (result.status, result.axioms, result.unsafe) == ("ok", None, ())
+
+
 @pytest.mark.parametrize("action, reason", [
     ("echo 'Error: bad file' >&2; exit 1", "the kernel checker rejected the compiled file: Error: bad file"),
     ("echo 'all good, trust me'; exit 0", "the kernel checker's summary could not be read: all good, trust me"),
