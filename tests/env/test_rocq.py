@@ -308,6 +308,23 @@ def test_a_kernel_checker_that_fails_or_says_nothing_readable_never_passes_a_pro
     assert list(work.iterdir()) == []
 
 
+@requires_coq
+def test_a_kernel_checker_that_prints_its_summary_but_fails_never_passes_a_proof(tmp_path):
+    """Only an exit status of 0 lets coqchk's summary be read: a readable summary from a failed run is
+    a rejection. The real coqchk prints its summary only when it succeeds: a stand-in runs it, then
+    exits 1."""
+    from env.provers.rocq_trusted import ATTEMPT
+
+    coq = _stand_in(tmp_path, "coqchk", ATTEMPT, f'{shutil.which("coqchk")} "$@"; exit 1')
+    work = tmp_path / "episode"
+    work.mkdir()
+    result = _trusted_check(HEADER + STATEMENT + "  nra.\nQed.\n", PROBLEM, work, False, coq=coq)
+    assert (result.status, result.axioms) == ("ok", None) and result.statement.matches
+    (note,) = result.unsafe
+    assert note.startswith("the kernel checker rejected the compiled file: ")  # then the output's last 300 characters
+    assert note.endswith("* Inductives whose positivity is assumed: <none>")
+
+
 def test_memory_bomb_hits_the_cap_and_the_next_check_is_fine():
     small = RocqProver(timeout_s=60, memory_mb=1024)
     try:
