@@ -239,12 +239,17 @@ def _stand_in(tmp_path, program, when, action):
     """Coq's install with a shell script first on its PATH in place of `program`: on a call whose
     arguments end with `when` it runs `action`, every other call goes to the real program. For what
     the real programs cannot be made to do (the tests say which)."""
+    return _coq_with_program(tmp_path, program, f'#!/bin/sh\ncase "$*" in *{when}) {action} ;; esac\n'
+                                                f'exec {shutil.which(program)} "$@"\n')
+
+
+def _coq_with_program(tmp_path, program, script):
+    """Coq's install with `script` first on its PATH as `program`."""
     from env.provers.rocq_install import coq_install
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / program).write_text(f'#!/bin/sh\ncase "$*" in *{when}) {action} ;; esac\n'
-                                   f'exec {shutil.which(program)} "$@"\n')
+    (bin_dir / program).write_text(script)
     (bin_dir / program).chmod(0o755)
     coq = coq_install()
     env = dict(coq.variables, PATH=f"{bin_dir}:{coq.environment()['PATH']}")
@@ -667,12 +672,10 @@ def test_a_worker_that_grows_past_its_out_of_memory_share_and_dies_mid_check_ran
     the sentence naming `fd_memory_bomb` fills 70% of the cap, holds it half a second, and exits
     without a word."""
     from env.provers.base import Message
-    from env.provers.rocq_install import coq_install
     from env.provers.rocq_worker import WorkerPool
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "coqtop").write_text(
+    coq = _coq_with_program(
+        tmp_path, "coqtop",
         f"#!{sys.executable}\n"
         "import os, subprocess, sys, time\n"
         f"child = subprocess.Popen([{shutil.which('coqtop')!r}, *sys.argv[1:]], stdin=subprocess.PIPE)\n"
@@ -684,9 +687,6 @@ def test_a_worker_that_grows_past_its_out_of_memory_share_and_dies_mid_check_ran
         "        os._exit(3)\n"
         "    child.stdin.write(line)\n"
         "    child.stdin.flush()\n")
-    (bin_dir / "coqtop").chmod(0o755)
-    coq = coq_install()
-    coq = replace(coq, variables=tuple(dict(coq.variables, PATH=f"{bin_dir}:{coq.environment()['PATH']}").items()))
     pool = WorkerPool(size=1, memory_mb=2048, jail=False, coq=coq)
     try:
         with pool.worker(()) as worker:
